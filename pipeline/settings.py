@@ -1,0 +1,72 @@
+"""docflow's one settings object, read from ``DOCFLOW_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Every knob docflow has; the README's configuration table lists them."""
+
+    model_config = SettingsConfigDict(env_prefix="DOCFLOW_", frozen=True, extra="ignore")
+
+    home: Path = Field(Path(".docflow"), description="Local state: broker data and logs, objects, tables.")
+
+    # Kafka
+    kafka_bootstrap_servers: str = Field("", description="Brokers to use; empty means the local broker.")
+    kafka_port: int = Field(9092, description="Client port of the local broker.")
+    kafka_controller_port: int = Field(9093, description="KRaft controller port of the local broker.")
+    kafka_heap: str = Field("512m", description="JVM heap of the local broker.")
+    kafka_libs: Path = Field(REPO_ROOT / "infra" / "kafka" / "libs", description="Broker jars from Maven Central.")
+    topic_partitions: int = Field(8, ge=1, description="Partitions of every docflow topic.")
+    topic_replication_factor: int = Field(1, ge=1, description="Replication factor of every docflow topic.")
+
+    # Storage
+    storage_url: str = Field("", description="file://PATH or s3://BUCKET[/PREFIX]; empty means HOME/objects.")
+    s3_endpoint_url: str = Field("", description="S3-compatible endpoint (MinIO); empty means AWS.")
+    s3_region: str = Field("us-east-1", description="S3 region.")
+
+    # Web
+    web_host: str = Field("127.0.0.1", description="Address the web role listens on.")
+    web_port: int = Field(6066, description="Port the web role listens on.")
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest accepted upload.")
+
+    # Chunking
+    chunk_size: int = Field(1000, ge=1, description="Default chunk size in characters.")
+    chunk_overlap: int = Field(200, ge=0, description="Default overlap between chunks in characters.")
+
+    # Embedding
+    embedding_backend: Literal["openai", "local", "hashing"] = Field("local", description="Embedding backend.")
+    embedding_model: str = Field("", description="Model name; empty means the backend's default.")
+    embedding_batch_size: int = Field(32, ge=1, description="Chunks per embedding batch.")
+    openai_base_url: str = Field("", description="OpenAI-compatible base URL; empty falls back to OPENAI_BASE_URL.")
+    openai_api_key: str = Field("", description="API key; empty falls back to OPENAI_API_KEY.")
+
+    @field_validator("home", "kafka_libs")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        return path.expanduser().resolve()
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def objects_url(self) -> str:
+        return self.storage_url or (self.home / "objects").as_uri()
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.home / "kafka"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""The RocksDB-backed document-status table and its state machine."""

@@ -1,0 +1,55 @@
+"""Shared fixtures: a real Kafka broker and a real S3-compatible server, each started once per session."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pipeline.broker import LocalBroker
+from pipeline.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(tmp_path_factory) -> Settings:
+    """Settings of a local broker started for this test session, exactly as `docflow kafka start` does."""
+    settings = Settings(
+        home=tmp_path_factory.mktemp("docflow-home"),
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+    )
+    broker = LocalBroker(settings)
+    broker.start()
+    yield settings
+    broker.stop()
+    assert not broker.is_running()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(monkeypatch_session) -> str:
+    """A moto S3 server on loopback, with dummy credentials for the clients."""
+    from moto.server import ThreadedMotoServer
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "docflow-test",
+        "AWS_SECRET_ACCESS_KEY": "docflow-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch_session.setenv(name, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch

@@ -1,0 +1,1 @@
+"""Faust web views of the web role."""

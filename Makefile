@@ -20,7 +20,7 @@ $(KAFKA_LIBS)/.fetched: infra/kafka/pom.xml
 	touch $@
 
 run: setup
-	$(BIN)/docflow up
+	$(BIN)/docflow up --sample
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: setup

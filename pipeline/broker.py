@@ -151,7 +151,9 @@ class LocalBroker:
         self.config_file.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
 
     def _format_storage(self) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: a leading '-' reads as an option
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         result = subprocess.run(
             self._java(STORAGE_TOOL, "format", "-t", cluster_id, "-c", str(self.config_file)),
             capture_output=True,

@@ -5,12 +5,19 @@ Exit codes: 0 success, 1 a document failed, 2 usage error, 3 the service is unre
 
 from __future__ import annotations
 
-import signal
+import asyncio
+import json
 import sys
+import threading
+from pathlib import Path
 
+import aiohttp
 import click
 
+from pipeline import stack
+from pipeline.app import ROLES
 from pipeline.broker import BrokerError, LocalBroker
+from pipeline.client import ApiError, DocflowClient
 from pipeline.settings import get_settings
 
 EXIT_FAILED = 1
@@ -22,9 +29,56 @@ def main() -> None:
     """docflow: streaming document ingestion on Kafka."""
 
 
+def _api_url(settings) -> str:
+    return f"http://{settings.web_host}:{settings.web_port}"
+
+
+def _with_api(coroutine_fn):
+    """Run an API call; an unreachable service exits 3, an API refusal exits 1."""
+    try:
+        return asyncio.run(coroutine_fn())
+    except aiohttp.ClientConnectionError as exc:
+        click.echo(f"error: docflow is unreachable: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    except ApiError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE if exc.status == 503 else EXIT_FAILED)
+
+
+SAMPLE_DOCUMENT = Path(__file__).parent / "samples" / "welcome.md"
+
+
+def _follow_sample(settings) -> None:
+    """Upload the bundled sample once the web role answers, and report when it completes."""
+
+    async def run() -> None:
+        async with DocflowClient(_api_url(settings), "demo") as client:
+            for _ in range(600):
+                try:
+                    if (await client.health()).get("status") == "ok":
+                        break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.5)
+            answer = await client.upload(SAMPLE_DOCUMENT)
+            click.echo(f"sample uploaded: {_api_url(settings)}{answer['status_url']}?company_id=demo")
+            status = await client.wait(answer["document_id"])
+            click.echo(
+                f"sample {status['state']}: {status['chunks_embedded']}/{status['chunks_total']} chunks embedded"
+                + (f" ({status['error']})" if status.get("error") else "")
+            )
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:  # the stack keeps running; the user sees why the sample did not finish
+        click.echo(f"sample upload failed: {exc}", err=True)
+
+
 @main.command()
-def up() -> None:
-    """Run the local stack in the foreground on embedded defaults; Ctrl-C stops all of it."""
+@click.option("--loglevel", default="warning", show_default=True, help="Log level of the worker processes.")
+@click.option("--sample", is_flag=True, help="Upload a bundled sample document and follow it to completed.")
+def up(loglevel: str, sample: bool) -> None:
+    """Run the local stack in the foreground: broker, web, chunker, embedder. Ctrl-C stops all of it."""
     settings = get_settings()
     broker = LocalBroker(settings)
     try:
@@ -32,15 +86,114 @@ def up() -> None:
     except BrokerError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_UNREACHABLE)
-    click.echo(f"kafka at {broker.address}; Ctrl-C stops docflow")
-    try:
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if started:
-            broker.stop()
-            click.echo("kafka stopped")
+    click.echo(f"kafka at {broker.address}")
+    processes = stack.start_roles(settings, loglevel=loglevel)
+    for proc in processes:
+        click.echo(f"{proc.role} worker (pid {proc.process.pid}) on http://{settings.web_host}:{proc.port}")
+    click.echo(f"docflow is starting at {_api_url(settings)}  (Ctrl-C stops it)")
+    if sample:
+        threading.Thread(target=_follow_sample, args=(settings,), daemon=True).start()
+    code = stack.supervise(processes)
+    if started:
+        broker.stop()
+    click.echo("docflow stopped")
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--role", type=click.Choice([*ROLES, "all"]), required=True, help="Which agents this process runs.")
+@click.option("--web-port", type=int, default=None, help="Port of this process's web server (overrides DOCFLOW_WEB_PORT).")
+@click.option("--loglevel", default="info", show_default=True)
+def worker(role: str, web_port: int | None, loglevel: str) -> None:
+    """Run one worker process of a role; `all` runs one process per role."""
+    settings = get_settings()
+    if web_port is not None:
+        settings = settings.model_copy(update={"web_port": web_port})
+    if role == "all":
+        sys.exit(stack.supervise(stack.start_roles(settings, loglevel=loglevel)))
+    stack.run_worker(settings, role, loglevel)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--company", required=True, help="Company id the documents belong to.")
+@click.option("--chunk-size", type=int, default=None)
+@click.option("--chunk-overlap", type=int, default=None)
+@click.option("--title", default=None)
+@click.option("--tags", default=None, help="Comma-separated tags.")
+@click.option("--wait", is_flag=True, help="Follow the documents until completed or failed.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds --wait waits.")
+def upload(paths, company, chunk_size, chunk_overlap, title, tags, wait, timeout) -> None:
+    """Upload files through the web API, with a progress bar."""
+    settings = get_settings()
+    total_bytes = sum(path.stat().st_size for path in paths)
+
+    async def run() -> int:
+        failed = 0
+        async with DocflowClient(_api_url(settings), company) as client:
+            uploaded = []
+            with click.progressbar(length=total_bytes, label="uploading", file=sys.stderr) as bar:
+                for path in paths:
+                    try:
+                        answer = await client.upload(
+                            path, bar.update, chunk_size=chunk_size, chunk_overlap=chunk_overlap, title=title,
+                            tags=tags,
+                        )
+                    except ApiError as exc:
+                        if exc.status == 503:
+                            raise
+                        click.echo(f"\n{path}: refused: {exc.message} ({exc.status} {exc.code})", err=True)
+                        failed += 1
+                        continue
+                    uploaded.append((path, answer["document_id"]))
+            for path, document_id in uploaded:
+                click.echo(f"{document_id}  {path}")
+            if wait:
+                for path, document_id in uploaded:
+                    status = await client.wait(document_id, timeout)
+                    line = f"{document_id}  {status['state']}  chunks {status['chunks_embedded']}/{status['chunks_total']}"
+                    if status["state"] != "completed":
+                        failed += 1
+                        line += f"  error: {status.get('error')}"
+                    click.echo(line)
+        return failed
+
+    sys.exit(EXIT_FAILED if _with_api(run) else 0)
+
+
+@main.command()
+@click.argument("document_id")
+@click.option("--company", required=True, help="Company id the document belongs to.")
+def status(document_id: str, company: str) -> None:
+    """Show a document's status."""
+    settings = get_settings()
+
+    async def run() -> dict:
+        async with DocflowClient(_api_url(settings), company) as client:
+            return await client.status(document_id)
+
+    answer = _with_api(run)
+    click.echo(json.dumps(answer, indent=2))
+    sys.exit(EXIT_FAILED if answer["state"] == "failed" else 0)
+
+
+@main.command("list")
+@click.option("--company", required=True, help="Company id whose documents to list.")
+def list_documents(company: str) -> None:
+    """List a company's documents."""
+    settings = get_settings()
+
+    async def run() -> dict:
+        async with DocflowClient(_api_url(settings), company) as client:
+            return await client.list()
+
+    answer = _with_api(run)
+    click.echo(f"{'document_id':36}  {'state':10}  {'chunks':>11}  filename")
+    for doc in answer["documents"]:
+        chunks = f"{doc['chunks_embedded']}/{doc['chunks_total'] if doc['chunks_total'] is not None else '?'}"
+        click.echo(f"{doc['document_id']:36}  {doc['state']:10}  {chunks:>11}  {doc['filename']}")
+    if answer.get("partial"):
+        click.echo("(partial: a web worker did not answer)", err=True)
 
 
 @main.group()

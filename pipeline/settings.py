@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     kafka_libs: Path = Field(REPO_ROOT / "infra" / "kafka" / "libs", description="Broker jars from Maven Central.")
     topic_partitions: int = Field(8, ge=1, description="Partitions of every docflow topic.")
     topic_replication_factor: int = Field(1, ge=1, description="Replication factor of every docflow topic.")
+    consumer_session_timeout_seconds: float = Field(
+        30.0, gt=0, description="How soon a worker that died without leaving loses its partitions."
+    )
+    produce_timeout_seconds: float = Field(10.0, gt=0, description="How long a produce may wait for the broker.")
 
     # Storage
     storage_url: str = Field("", description="file://PATH or s3://BUCKET[/PREFIX]; empty means HOME/objects.")
@@ -36,11 +40,16 @@ class Settings(BaseSettings):
     # Web
     web_host: str = Field("127.0.0.1", description="Address the web role listens on.")
     web_port: int = Field(6066, description="Port the web role listens on.")
+    web_canonical_url: str = Field("", description="URL other web workers reach this one at; empty means http://HOST:PORT.")
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest accepted upload.")
+    table_standby_replicas: int = Field(1, ge=0, description="Standby copies of the status table on other web workers.")
 
     # Chunking
     chunk_size: int = Field(1000, ge=1, description="Default chunk size in characters.")
     chunk_overlap: int = Field(200, ge=0, description="Default overlap between chunks in characters.")
+    pdf_extractor: Literal["pdfium", "pypdf"] = Field("pdfium", description="PDF text extractor (pypdf is also the fallback).")
+    chunker_processes: int = Field(0, ge=0, description="Extraction processes per chunker worker; 0 means one per CPU.")
+    chunker_batch_size: int = Field(8, ge=1, description="Documents handed to the extraction pool at once.")
 
     # Embedding
     embedding_backend: Literal["openai", "local", "hashing"] = Field("local", description="Embedding backend.")

@@ -55,7 +55,8 @@ def valid_id(value: str) -> bool:
 
 def sanitize_filename(filename: str) -> str:
     """A filename safe as the last key segment: no directories, no control characters, bounded."""
-    name = unicodedata.normalize("NFC", filename).replace("\\", "/")
+    # Percent-decoded first: some clients quote '/' in multipart filenames as %2F.
+    name = unicodedata.normalize("NFC", unquote(filename)).replace("\\", "/")
     name = name.rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
     name = _UNSAFE_FILENAME_CHARS.sub("_", name).strip(" .")
@@ -87,7 +88,7 @@ async def _iterate(body: Body) -> AsyncIterator[bytes]:
 
 
 class ObjectStorage(abc.ABC):
-    """Where originals live. Use as ``async with open_storage(settings) as storage``."""
+    """Where originals live; ``close()`` (or ``async with``) releases connections."""
 
     async def __aenter__(self) -> "ObjectStorage":
         return self
@@ -195,23 +196,19 @@ class S3Storage(ObjectStorage):
         self._exit_stack = contextlib.AsyncExitStack()
         self._client = None
 
-    async def __aenter__(self) -> "S3Storage":
-        from aiobotocore.session import get_session
+    async def _connect(self):
+        """The S3 client, created on first use so the storage can be built outside a loop."""
+        if self._client is None:
+            from aiobotocore.session import get_session
 
-        self._client = await self._exit_stack.enter_async_context(
-            get_session().create_client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
-        )
-        return self
+            self._client = await self._exit_stack.enter_async_context(
+                get_session().create_client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+            )
+        return self._client
 
     async def close(self) -> None:
         await self._exit_stack.aclose()
         self._client = None
-
-    @property
-    def client(self):
-        if self._client is None:
-            raise StorageError("S3Storage used outside `async with`")
-        return self._client
 
     def _object_name(self, key: str) -> str:
         if any(part in ("", ".", "..") for part in PurePosixPath(key).parts) or key.startswith("/"):
@@ -235,6 +232,7 @@ class S3Storage(ObjectStorage):
     async def put(self, key: str, body: Body, content_type: str = "application/octet-stream") -> StoredObject:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        client = await self._connect()
         name = self._object_name(key)
         digest, size = hashlib.sha256(), 0
         buffer = bytearray()
@@ -247,31 +245,31 @@ class S3Storage(ObjectStorage):
                 buffer += piece
                 while len(buffer) >= S3_PART_BYTES:
                     if upload_id is None:
-                        created = await self.client.create_multipart_upload(
+                        created = await client.create_multipart_upload(
                             Bucket=self.bucket, Key=name, ContentType=content_type
                         )
                         upload_id = created["UploadId"]
                     part = bytes(buffer[:S3_PART_BYTES])
                     del buffer[:S3_PART_BYTES]
-                    uploaded = await self.client.upload_part(
+                    uploaded = await client.upload_part(
                         Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=len(parts) + 1, Body=part
                     )
                     parts.append({"PartNumber": len(parts) + 1, "ETag": uploaded["ETag"]})
             if upload_id is None:
-                await self.client.put_object(Bucket=self.bucket, Key=name, Body=bytes(buffer), ContentType=content_type)
+                await client.put_object(Bucket=self.bucket, Key=name, Body=bytes(buffer), ContentType=content_type)
             else:
                 if buffer:
-                    uploaded = await self.client.upload_part(
+                    uploaded = await client.upload_part(
                         Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=len(parts) + 1, Body=bytes(buffer)
                     )
                     parts.append({"PartNumber": len(parts) + 1, "ETag": uploaded["ETag"]})
-                await self.client.complete_multipart_upload(
+                await client.complete_multipart_upload(
                     Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}
                 )
         except BaseException as exc:
             if upload_id is not None:
                 with contextlib.suppress(Exception):
-                    await self.client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+                    await client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
             if isinstance(exc, (BotoCoreError, ClientError)):
                 raise StorageError(f"S3 put of {key} failed: {exc}") from exc
             raise
@@ -280,8 +278,9 @@ class S3Storage(ObjectStorage):
     async def stream(self, key: str) -> AsyncIterator[bytes]:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        client = await self._connect()
         try:
-            response = await self.client.get_object(Bucket=self.bucket, Key=self._object_name(key))
+            response = await client.get_object(Bucket=self.bucket, Key=self._object_name(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise ObjectNotFound(key) from exc
@@ -295,8 +294,9 @@ class S3Storage(ObjectStorage):
     async def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
+        client = await self._connect()
         try:
-            await self.client.head_object(Bucket=self.bucket, Key=self._object_name(key))
+            await client.head_object(Bucket=self.bucket, Key=self._object_name(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return False
@@ -304,7 +304,8 @@ class S3Storage(ObjectStorage):
         return True
 
     async def delete(self, key: str) -> None:
-        await self.client.delete_object(Bucket=self.bucket, Key=self._object_name(key))
+        client = await self._connect()
+        await client.delete_object(Bucket=self.bucket, Key=self._object_name(key))
 
 
 def storage_for_url(url: str, endpoint_url: str = "", region: str = "us-east-1") -> ObjectStorage:
@@ -319,5 +320,5 @@ def storage_for_url(url: str, endpoint_url: str = "", region: str = "us-east-1")
 
 
 def open_storage(settings: Settings) -> ObjectStorage:
-    """The configured storage; enter it with ``async with`` before use."""
+    """The configured storage."""
     return storage_for_url(settings.objects_url, settings.s3_endpoint_url, settings.s3_region)

@@ -95,6 +95,7 @@ async def test_path_traversal_filename_is_stored_inside_its_company_prefix(stora
     "filename, expected",
     [
         ("../../etc/passwd", "passwd"),
+        ("..%2F..%2Fetc%2Fpasswd", "passwd"),
         ("..\\..\\windows\\system.ini", "system.ini"),
         ("report\x00.pdf", "report.pdf"),
         ("line\nbreak\r.txt", "linebreak.txt"),

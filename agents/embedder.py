@@ -1,0 +1,67 @@
+"""The embedder agent: batches of chunks → vectors on embeddings.ready, progress on documents.status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+
+from agents.dead_letters import give_up
+from pipeline import metrics
+from pipeline.embedding import EmbeddingBackend, EmbeddingError, create_backend
+from pipeline.records import Chunk, ChunkEmbedding, StatusEvent, now_ms
+
+BATCH_WITHIN_SECONDS = 0.2
+
+
+def register(app) -> None:
+    settings = app.settings
+    backend = create_backend(settings)
+
+    @app.agent(app.chunks_topic, name="embedder")
+    async def embed_chunks(stream):
+        async for batch in stream.take(settings.embedding_batch_size, within=BATCH_WITHIN_SECONDS):
+            await embed_batch(app, backend, batch)
+
+    @app.on_before_shutdown.connect
+    async def close_backend(app_, **kwargs) -> None:
+        await backend.close()
+
+
+async def embed_batch(app, backend: EmbeddingBackend, batch: list[Chunk]) -> None:
+    """Embed one batch; returns once every message it produced is acknowledged."""
+    started = time.perf_counter()
+    metrics.embedding_messages_consumed_total.inc(len(batch))
+    try:
+        vectors = await backend.embed([chunk.text for chunk in batch])
+    except EmbeddingError as exc:
+        await _give_up_on(app, batch, str(exc))
+        return
+    created = now_ms()
+    deliveries = []
+    by_document: dict[str, list[Chunk]] = defaultdict(list)
+    for chunk, vector in zip(batch, vectors):
+        by_document[chunk.document_id].append(chunk)
+        deliveries.append(await app.embeddings_topic.send(key=chunk.document_id, value=ChunkEmbedding(
+            chunk_id=chunk.chunk_id, document_id=chunk.document_id, company_id=chunk.company_id, index=chunk.index,
+            vector=vector, model=backend.model, dims=len(vector), created_ms=created,
+        )))
+        metrics.embedding_texts_processed_total.labels(chunk.company_id).inc()
+    for document_id, chunks in by_document.items():
+        deliveries.append(await app.status_topic.send(key=document_id, value=StatusEvent(
+            document_id=document_id, company_id=chunks[0].company_id, stage="embedding", at_ms=now_ms(),
+            chunks_total=chunks[0].total, chunks_embedded=len(chunks), chunk_indexes=[c.index for c in chunks],
+        )))
+    await asyncio.gather(*deliveries)
+    metrics.embedding_batch_processing_duration_seconds.observe(time.perf_counter() - started)
+
+
+async def _give_up_on(app, batch: list[Chunk], reason: str) -> None:
+    deliveries = []
+    for chunk in batch:
+        deliveries += await give_up(
+            app, document_id=chunk.document_id, company_id=chunk.company_id,
+            topic=app.chunks_topic.get_topic_name(), stage="embed", error=f"embedding failed: {reason}",
+            original=chunk.asdict(),
+        )
+    await asyncio.gather(*deliveries)

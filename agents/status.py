@@ -1,0 +1,17 @@
+"""The status agent (web role): folds documents.status into the RocksDB status table."""
+
+from __future__ import annotations
+
+from tables.document_status import fold
+
+
+def register(app) -> None:
+    table = app.status_table
+
+    # documents.status is keyed by document_id like the table, so each event lands on the
+    # partition whose table shard this worker owns.
+    @app.agent(app.status_topic, name="status")
+    async def track_status(events):
+        async for event in events:
+            key = event.document_id.encode()
+            table[key] = fold(table.get(key), event)

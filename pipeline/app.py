@@ -1,0 +1,140 @@
+"""The Faust app factory: one app definition, instantiated per role.
+
+A Faust worker runs every agent its app defines, all in one consumer group (the app id).
+So each role gets its own app id (``docflow-web``, ``docflow-chunker``,
+``docflow-embedder``): running more processes of one role shares that role's
+partitions and nothing else (DESIGN §3, §11).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Optional
+
+import faust
+from faust.sensors.prometheus import setup_prometheus_sensors
+
+from pipeline import records, topics
+from pipeline.settings import Settings
+from pipeline.storage import ObjectStorage, open_storage
+from tables.document_status import DocumentStatus
+
+log = logging.getLogger(__name__)
+
+ROLES = ("web", "chunker", "embedder")
+STATUS_TABLE = "document_status"
+
+
+class DeadLetteringTopic(faust.Topic):
+    """A topic whose undecodable messages go to documents.dlq, and the agent reading it goes on.
+
+    Faust acknowledges such a message and then throws the error into the agent's stream;
+    a poisoned partition would stop there. docflow keeps the message for operators instead.
+    """
+
+    async def on_key_decode_error(self, exc: Exception, message) -> None:
+        await self._dead_letter(exc, message)
+
+    async def on_value_decode_error(self, exc: Exception, message) -> None:
+        await self._dead_letter(exc, message)
+
+    async def _dead_letter(self, exc: Exception, message) -> None:
+        key = (message.key or b"").decode(errors="replace")
+        value = (message.value or b"").decode(errors="replace")
+        try:
+            company_id = str(json.loads(value).get("company_id", ""))
+        except (ValueError, AttributeError):
+            company_id = ""
+        log.error("undecodable message on %s[%s]@%s: %s", message.topic, message.partition, message.offset, exc)
+        letter = records.DeadLetter(
+            document_id=key, company_id=company_id, topic=message.topic, stage="decode",
+            error=f"undecodable message: {exc}", attempts=1, failed_ms=records.now_ms(),
+            original={"key": key, "value": value, "partition": message.partition, "offset": message.offset},
+        )
+        await (await self.app.dlq_topic.send(key=key, value=letter))
+
+
+class DocflowApp(faust.App):
+    """A Faust app that also holds what docflow's agents and views share."""
+
+    settings: Settings
+    role: str
+    storage: ObjectStorage
+    status_table: Optional[faust.Table] = None
+
+    def declare_topics(self) -> None:
+        def topic(spec: topics.TopicSpec, value_type):
+            return self.topic(spec.name, key_type=str, value_type=value_type)
+
+        self.raw_topic = topic(topics.DOCUMENTS_RAW, records.DocumentUploaded)
+        self.chunks_topic = topic(topics.CHUNKS_PROCESSED, records.Chunk)
+        self.embeddings_topic = topic(topics.EMBEDDINGS_READY, records.ChunkEmbedding)
+        self.status_topic = topic(topics.DOCUMENTS_STATUS, records.StatusEvent)
+        self.dlq_topic = topic(topics.DOCUMENTS_DLQ, records.DeadLetter)
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        await self.storage.close()
+
+
+def create_app(settings: Settings, role: str) -> DocflowApp:
+    """The app of one role, with that role's agents, table and views registered."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    workers_dir = settings.home / "workers"
+    workers_dir.mkdir(parents=True, exist_ok=True)
+    app = DocflowApp(
+        f"docflow-{role}",
+        broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
+        store="rocksdb://",
+        # One directory per process: RocksDB locks its files, and two web workers may share a host.
+        datadir=str(workers_dir / f"{role}-{settings.web_port}"),
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        canonical_url=settings.web_canonical_url or f"http://{settings.web_host}:{settings.web_port}",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication_factor,
+        # exactly_once has open duplicate/fencing bugs (DESIGN §11): at-least-once with idempotent consumers.
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        # An upload waits for its event to be acknowledged: fail within seconds, not Faust's 20 minutes.
+        producer_request_timeout=settings.produce_timeout_seconds,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.consumer_session_timeout_seconds,
+        table_standby_replicas=settings.table_standby_replicas,
+        web_in_thread=False,
+        Topic=DeadLetteringTopic,
+    )
+    app.settings = settings
+    app.role = role
+    app.storage = open_storage(settings)
+    app.declare_topics()
+    setup_prometheus_sensors(app, name_prefix=f"faust_{role}")
+
+    from web import views
+
+    views.register_common(app)
+    if role == "web":
+        from agents import status
+        from web import api
+
+        # Keys are the document id's raw bytes, as on documents.status: table_route hashes the
+        # serialized key to find the owning worker, so it must be the bytes the events were
+        # partitioned by (a str key would be serialized as a JSON string, quotes included).
+        app.status_table = app.Table(
+            STATUS_TABLE, key_type=bytes, value_type=DocumentStatus, partitions=settings.topic_partitions,
+        )
+        status.register(app)
+        api.register(app)
+    elif role == "chunker":
+        from agents import chunker
+
+        chunker.register(app)
+    else:
+        from agents import embedder
+
+        embedder.register(app)
+    return app
+

@@ -1,0 +1,78 @@
+"""Pages of text → chunks of at most ``chunk_size`` characters, each on one page.
+
+Runs in the chunker's process pool (DESIGN §4): top-level functions and frozen
+dataclasses only, so everything crosses the process boundary by pickling.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from dataclasses import dataclass
+
+from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+from pipeline.extract import ExtractionError, extract_pages
+
+# Fixed forever: chunk ids derive from it, and a redelivered document must get the same
+# ids so that downstream upserts replace chunks instead of duplicating them.
+CHUNK_ID_NAMESPACE = uuid.UUID("5b0a3c0e-6f8d-4b8e-9a51-2f4c1d7e9b63")
+
+
+@dataclass(frozen=True)
+class ChunkText:
+    index: int  # 0-based across the whole document
+    page: int  # 1-based
+    text: str
+
+
+@dataclass(frozen=True)
+class ChunkedDocument:
+    pages: int
+    chunks: tuple[ChunkText, ...]
+
+
+def chunk_id(document_id: str, index: int) -> str:
+    return str(uuid.uuid5(CHUNK_ID_NAMESPACE, f"{document_id}:{index}"))
+
+
+def split_pages(pages: list[str], chunk_size: int, chunk_overlap: int) -> tuple[ChunkText, ...]:
+    """Splits every page on its own, so no chunk spans two pages and each knows its page."""
+    splitter = _splitter(*_checked_sizes(chunk_size, chunk_overlap))
+    chunks: list[ChunkText] = []
+    for page_number, text in enumerate(pages, start=1):
+        if not text.strip():
+            continue
+        for piece in splitter.split_text(text):
+            if piece.strip():
+                chunks.append(ChunkText(index=len(chunks), page=page_number, text=piece))
+    return tuple(chunks)
+
+
+def chunk_document(data: bytes, content_type: str, chunk_size: int, chunk_overlap: int,
+                   pdf_extractor: str = "pdfium") -> ChunkedDocument:
+    """The whole CPU side of the chunker for one original: extract, then split."""
+    # Sizes are checked before extracting: a bad request should not cost a PDF parse.
+    _checked_sizes(chunk_size, chunk_overlap)
+    pages = extract_pages(data, content_type, pdf_extractor)
+    chunks = split_pages(pages, chunk_size, chunk_overlap)
+    if not chunks:
+        raise ExtractionError("document has no text to chunk")
+    return ChunkedDocument(pages=len(pages), chunks=chunks)
+
+
+def _checked_sizes(chunk_size: int, chunk_overlap: int) -> tuple[int, int]:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1 character, got {chunk_size}")
+    if not 0 <= chunk_overlap < chunk_size:
+        raise ValueError(
+            f"chunk_overlap must be at least 0 and less than chunk_size ({chunk_size}), got {chunk_overlap}"
+        )
+    return chunk_size, chunk_overlap
+
+
+@functools.lru_cache(maxsize=64)
+def _splitter(chunk_size: int, chunk_overlap: int) -> RecursiveCharacterTextSplitter:
+    # Sizes are per document, but a deployment uses few distinct ones; a splitter is
+    # stateless between calls, so one instance per pair serves every document.
+    return RecursiveCharacterTextSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap, length_function=len)

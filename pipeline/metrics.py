@@ -1,0 +1,58 @@
+"""The Prometheus metrics of seed 000 (DESIGN §7), served on /metrics of every role.
+
+They live in prometheus_client's default registry, next to Faust's own sensor metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+SIZE_BUCKETS = (1e3, 1e4, 1e5, 1e6, 5e6, 1e7, 5e7, 1e8)
+
+# web
+ingest_uploads_total = Counter(
+    "ingest_uploads_total", "Uploaded files.", ["company_id", "content_type", "status"]
+)
+ingest_upload_file_size_bytes = Histogram(
+    "ingest_upload_file_size_bytes", "Size of uploaded files.", buckets=SIZE_BUCKETS
+)
+ingest_request_processing_duration_seconds = Histogram(
+    "ingest_request_processing_duration_seconds", "Latency of ingestion requests."
+)
+ingest_kafka_messages_produced_total = Counter(
+    "ingest_kafka_messages_produced_total", "Messages produced to Kafka.", ["topic", "status"]
+)
+
+# chunker
+docproc_messages_consumed_total = Counter(
+    "docproc_messages_consumed_total", "Messages consumed by the chunker.", ["topic", "status"]
+)
+docproc_processing_duration_seconds = Histogram(
+    "docproc_processing_duration_seconds", "Time to extract and chunk one document.", ["company_id", "content_type"]
+)
+docproc_chunks_produced_total = Counter(
+    "docproc_chunks_produced_total", "Chunks produced.", ["company_id", "content_type"]
+)
+docproc_processing_errors_total = Counter(
+    "docproc_processing_errors_total", "Processing errors by stage.", ["stage"]
+)
+docproc_s3_download_duration_seconds = Histogram(
+    "docproc_s3_download_duration_seconds", "Time to read an original from storage."
+)
+
+# embedder
+embedding_messages_consumed_total = Counter(
+    "embedding_messages_consumed_total", "Chunks received by the embedder."
+)
+embedding_batch_processing_duration_seconds = Histogram(
+    "embedding_batch_processing_duration_seconds", "Time to embed and emit one batch."
+)
+embedding_texts_processed_total = Counter(
+    "embedding_texts_processed_total", "Texts turned into embeddings.", ["company_id"]
+)
+embedding_openai_api_duration_seconds = Histogram(
+    "embedding_openai_api_duration_seconds", "Latency of OpenAI embedding calls."
+)
+embedding_openai_api_errors_total = Counter(
+    "embedding_openai_api_errors_total", "Errors of OpenAI embedding calls.", ["model_name", "error_type"]
+)

@@ -1,0 +1,88 @@
+"""Running roles as worker processes: one Faust worker per role process (DESIGN §3).
+
+`docflow worker --role all` and `docflow up` start one process per role and stop them
+together; each process is `docflow worker --role ROLE` with its own web port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from pipeline.app import ROLES
+from pipeline.settings import Settings
+
+
+def run_worker(settings: Settings, role: str, loglevel: str = "info") -> None:
+    """Run one role's Faust worker in this process until it is told to stop."""
+    import faust
+
+    from pipeline.app import create_app
+
+    app = create_app(settings, role)
+    faust.Worker(app, loglevel=loglevel, override_logging=True).execute_from_commandline()
+
+
+@dataclass
+class RoleProcess:
+    role: str
+    port: int
+    process: subprocess.Popen
+
+
+def role_ports(settings: Settings) -> dict[str, int]:
+    """web on the configured port, the other roles on the next ones (for their /health and /metrics)."""
+    return {role: settings.web_port + offset for offset, role in enumerate(ROLES)}
+
+
+def start_roles(settings: Settings, roles=ROLES, loglevel: str = "info") -> list[RoleProcess]:
+    ports = role_ports(settings)
+    started = []
+    for role in roles:
+        env = dict(os.environ, DOCFLOW_WEB_PORT=str(ports[role]))
+        command = [sys.executable, "-m", "pipeline.cli", "worker", "--role", role, "--loglevel", loglevel]
+        # Own process group: the terminal's Ctrl-C reaches us, and we stop the workers in order.
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        started.append(RoleProcess(role, ports[role], process))
+    return started
+
+
+def stop_roles(processes: list[RoleProcess], timeout: float = 30.0) -> None:
+    for proc in processes:
+        if proc.process.poll() is None:
+            proc.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in processes:
+        try:
+            proc.process.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.process.kill()
+            proc.process.wait()
+
+
+def supervise(processes: list[RoleProcess]) -> int:
+    """Wait until Ctrl-C/SIGTERM or until a role process dies; stop the others either way."""
+    stopping = False
+
+    def request_stop(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping:
+            dead = [proc for proc in processes if proc.process.poll() is not None]
+            if dead:
+                for proc in dead:
+                    print(f"docflow: {proc.role} worker exited with {proc.process.returncode}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        stop_roles(processes)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,109 @@
+"""Real worker processes for integration tests: `docflow worker --role ROLE` against the session broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.settings import Settings
+
+
+@dataclass
+class Worker:
+    role: str
+    port: int
+    log_path: Path
+    process: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+@dataclass
+class WorkerStack:
+    """The worker processes of one test session, sharing the broker, the home and the settings."""
+
+    settings: Settings
+    env: dict[str, str]
+    logs: Path
+    workers: list[Worker] = field(default_factory=list)
+
+    def start(self, role: str, port: int) -> Worker:
+        log_path = self.logs / f"{role}-{port}-{len(self.workers)}.log"
+        env = dict(self.env, DOCFLOW_WEB_PORT=str(port))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", "--role", role, "--loglevel", "info"],
+            env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        worker = Worker(role, port, log_path, process)
+        self.workers.append(worker)
+        return worker
+
+    def wait_healthy(self, workers: list[Worker], timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(workers)
+        while pending and time.monotonic() < deadline:
+            for worker in list(pending):
+                if not worker.alive():
+                    raise RuntimeError(f"{worker.role} worker died:\n{tail(worker.log_path)}")
+                try:
+                    with urllib.request.urlopen(f"{worker.url}/health", timeout=2) as response:
+                        if response.status == 200:
+                            pending.remove(worker)
+                except (urllib.error.URLError, OSError):
+                    pass
+            time.sleep(0.3)
+        if pending:
+            raise RuntimeError(
+                "workers not healthy in time:\n" + "\n".join(f"{w.role}:\n{tail(w.log_path)}" for w in pending)
+            )
+
+    def stop(self, worker: Worker, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
+        if worker.alive():
+            worker.process.send_signal(sig)
+            try:
+                worker.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+        if worker in self.workers:
+            self.workers.remove(worker)
+
+    def stop_all(self) -> None:
+        for worker in list(self.workers):
+            self.stop(worker)
+
+    def of_role(self, role: str) -> list[Worker]:
+        return [worker for worker in self.workers if worker.role == role and worker.alive()]
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DOCFLOW_")}
+    env.update({
+        "DOCFLOW_HOME": str(settings.home),
+        "DOCFLOW_KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "DOCFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
+        "DOCFLOW_EMBEDDING_BACKEND": "hashing",
+        "DOCFLOW_CHUNKER_PROCESSES": "2",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(overrides)
+    return env

@@ -1,0 +1,86 @@
+"""The status state machine: redelivery and reordering never break counts or states."""
+
+from __future__ import annotations
+
+import itertools
+
+from pipeline.records import StatusEvent
+from tables.document_status import fold
+
+
+def event(stage: str, at_ms: int, **details) -> StatusEvent:
+    return StatusEvent(document_id="doc-1", company_id="acme", stage=stage, at_ms=at_ms, **details)
+
+
+def fold_all(events):
+    status = None
+    for item in events:
+        status = fold(status, item)
+    return status
+
+
+HAPPY_PATH = [
+    event("uploaded", 1, filename="a.pdf"),
+    event("extracting", 2),
+    event("chunked", 3, chunks_total=3, pages=2),
+    event("embedding", 4, chunk_indexes=[0, 1], chunks_total=3),
+    event("embedding", 5, chunk_indexes=[2], chunks_total=3),
+]
+
+
+def test_document_completes_when_every_chunk_is_embedded():
+    status = fold_all(HAPPY_PATH)
+    assert status.state == "completed"
+    assert (status.chunks_total, status.chunks_embedded, status.pages) == (3, 3, 2)
+    assert status.filename == "a.pdf"
+    assert (status.created_ms, status.updated_ms) == (1, 5)
+    assert (status.uploaded_ms, status.extracting_ms, status.chunked_ms, status.embedding_ms) == (1, 2, 3, 4)
+    assert status.completed_ms == 5
+
+
+def test_redelivered_embedding_events_do_not_count_twice():
+    status = fold_all(HAPPY_PATH[:4] + [HAPPY_PATH[3], HAPPY_PATH[3]])
+    assert status.chunks_embedded == 2
+    assert status.state == "embedding"
+
+
+def test_any_order_of_events_ends_in_the_same_status():
+    finals = {
+        (s.state, s.chunks_embedded, s.chunks_total, s.pages, s.created_ms, s.updated_ms)
+        for s in (fold_all(order) for order in itertools.permutations(HAPPY_PATH))
+    }
+    assert finals == {("completed", 3, 3, 2, 1, 5)}
+
+
+def test_embedding_progress_before_chunked_waits_for_the_total():
+    status = fold_all([event("embedding", 4, chunk_indexes=[0, 1])])
+    assert status.state == "embedding"
+    assert status.chunks_total is None
+    status = fold(status, event("chunked", 3, chunks_total=2))
+    assert status.state == "completed"
+
+
+def test_failure_is_terminal_and_keeps_its_reason():
+    status = fold_all(HAPPY_PATH[:2] + [event("failed", 3, error="PDF is encrypted"), *HAPPY_PATH[2:]])
+    assert status.state == "failed"
+    assert status.error == "PDF is encrypted"
+    assert status.failed_ms == 3
+
+
+def test_indexes_beyond_the_total_are_not_counted():
+    status = fold_all([event("chunked", 1, chunks_total=2), event("embedding", 2, chunk_indexes=[0, 5])])
+    assert status.chunks_embedded == 1
+    assert status.state == "embedding"
+
+
+def test_public_view_hides_the_bitmap():
+    assert "embedded_bitmap" not in fold_all(HAPPY_PATH).public()
+
+
+def test_redelivered_events_after_completion_change_nothing():
+    completed = fold_all(HAPPY_PATH)
+    status = completed
+    for late in [event("extracting", 90), event("chunked", 91, chunks_total=3, pages=2),
+                 event("embedding", 92, chunk_indexes=[1], chunks_total=3)]:
+        status = fold(status, late)
+    assert status == completed

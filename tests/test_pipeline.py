@@ -1,0 +1,309 @@
+"""The pipeline end to end: real broker, real worker processes (2 web, 2 chunker, 1 embedder), RocksDB."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from pipeline.chunking import chunk_document, chunk_id
+from pipeline.client import ApiError, DocflowClient
+from pipeline.settings import REPO_ROOT
+from pipeline.topics import DOCUMENTS_DLQ, EMBEDDINGS_READY
+from tests import documents
+from tests.conftest import free_port
+from tests.stack import WorkerStack, worker_env
+
+MAX_UPLOAD_BYTES = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def stack(kafka_settings, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("worker-logs")
+    env = worker_env(
+        kafka_settings,
+        DOCFLOW_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
+        DOCFLOW_CONSUMER_SESSION_TIMEOUT_SECONDS="10",
+    )
+    workers = WorkerStack(kafka_settings, env, logs)
+    started = [workers.start("web", free_port()), workers.start("web", free_port())]
+    started += [workers.start("chunker", free_port()), workers.start("chunker", free_port())]
+    started.append(workers.start("embedder", free_port()))
+    try:
+        workers.wait_healthy(started)
+        yield workers
+    finally:
+        workers.stop_all()
+
+
+def corpus(count: int, seed: int) -> list[tuple[str, bytes]]:
+    """Multi-page PDFs, text, Markdown and HTML, in turn."""
+    files = []
+    for n in range(count):
+        pages = documents.lorem_pages(n_pages=3 + n % 4, words_per_page=350, seed=seed + n)
+        kind = n % 4
+        if kind == 0:
+            files.append((f"report-{n}.pdf", documents.make_pdf(pages)))
+        elif kind == 1:
+            files.append((f"notes-{n}.txt", "\n\n".join(pages).encode()))
+        elif kind == 2:
+            files.append((f"readme-{n}.md", documents.make_markdown(f"Doc {n}", pages)))
+        else:
+            files.append((f"page-{n}.html", documents.make_html(f"Doc {n}", pages)))
+    return files
+
+
+CONTENT_TYPES = {".pdf": "application/pdf", ".txt": "text/plain", ".md": "text/markdown", ".html": "text/html"}
+
+
+def expected_chunk_ids(document_id: str, filename: str, data: bytes) -> set[str]:
+    chunked = chunk_document(data, CONTENT_TYPES[Path(filename).suffix], 1000, 200)
+    return {chunk_id(document_id, piece.index) for piece in chunked.chunks}
+
+
+async def upload_all(stack: WorkerStack, company: str, files, tmp_path: Path) -> dict[str, tuple[str, bytes]]:
+    """Upload through the web workers in turn; returns document_id → (filename, data)."""
+    webs = stack.of_role("web")
+    uploaded = {}
+    for n, (filename, data) in enumerate(files):
+        path = tmp_path / filename
+        path.write_bytes(data)
+        async with DocflowClient(webs[n % len(webs)].url, company) as client:
+            answer = await client.upload(path)
+        uploaded[answer["document_id"]] = (filename, data)
+    return uploaded
+
+
+async def wait_all(url: str, company: str, document_ids, timeout: float = 180.0) -> dict[str, dict]:
+    async with DocflowClient(url, company) as client:
+        statuses = await asyncio.gather(*(client.wait(doc, timeout) for doc in document_ids))
+    return dict(zip(document_ids, statuses))
+
+
+async def read_topic(settings, topic: str, document_ids: set[str], until_count: int, timeout: float = 60.0):
+    """Every message on a topic for the given documents, read from the beginning."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=settings.bootstrap_servers, group_id=None, auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    found = []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=1000)
+            for records in batches.values():
+                for record in records:
+                    value = json.loads(record.value)
+                    if value["document_id"] in document_ids:
+                        assert record.key.decode() == value["document_id"]
+                        found.append(value)
+            if len(found) >= until_count and not batches:
+                break
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def test_twenty_documents_complete_and_every_chunk_is_embedded_exactly_once(stack, kafka_settings, tmp_path):
+    company = f"acme-{uuid.uuid4().hex[:8]}"
+    files = corpus(20, seed=1)
+    started = time.perf_counter()
+    uploaded = await upload_all(stack, company, files, tmp_path)
+    statuses = await wait_all(stack.of_role("web")[0].url, company, list(uploaded))
+    elapsed = time.perf_counter() - started
+
+    expected = {
+        doc: expected_chunk_ids(doc, filename, data) for doc, (filename, data) in uploaded.items()
+    }
+    for doc, status in statuses.items():
+        assert status["state"] == "completed", status
+        assert status["chunks_embedded"] == status["chunks_total"] == len(expected[doc])
+    all_expected = set().union(*expected.values())
+    embeddings = await read_topic(kafka_settings, EMBEDDINGS_READY.name, set(uploaded), len(all_expected))
+    ids = [embedding["chunk_id"] for embedding in embeddings]
+    assert set(ids) == all_expected
+    assert len(ids) == len(all_expected), "a chunk was embedded more than once"
+    assert {len(embedding["vector"]) for embedding in embeddings} == {384}
+
+    # Every web worker answers for every document, whichever owns its partition.
+    for worker in stack.of_role("web"):
+        async with DocflowClient(worker.url, company) as client:
+            for doc, status in statuses.items():
+                answer = await client.status(doc)
+                answer.pop("stale"), status.pop("stale", None)
+                assert answer == status
+            listed = await client.list()
+            assert {d["document_id"] for d in listed["documents"]} == set(uploaded)
+            assert listed["partial"] is False
+    print(f"\n20 documents, {len(all_expected)} chunks in {elapsed:.1f}s: {len(all_expected) / elapsed:.1f} chunks/s")
+
+
+async def test_chunker_killed_mid_run_every_document_still_completes(stack, tmp_path):
+    company = f"kill-{uuid.uuid4().hex[:8]}"
+    files = [(f"long-{n}.pdf", documents.make_pdf(documents.lorem_pages(12, 400, seed=100 + n))) for n in range(16)]
+    uploaded = await upload_all(stack, company, files, tmp_path)
+    web = stack.of_role("web")[0].url
+    victim = stack.of_role("chunker")[0]
+    stack.stop(victim, signal.SIGKILL)
+    async with DocflowClient(web, company) as client:
+        states_at_kill = [doc["state"] for doc in (await client.list())["documents"]]
+    assert states_at_kill.count("completed") < len(uploaded), "the chunker was killed after the run, not during it"
+
+    statuses = await wait_all(web, company, list(uploaded), timeout=240)
+    assert {status["state"] for status in statuses.values()} == {"completed"}
+    stack.wait_healthy([stack.start("chunker", free_port())])
+
+
+async def test_restarted_web_worker_serves_the_same_statuses(stack, tmp_path):
+    company = f"restart-{uuid.uuid4().hex[:8]}"
+    uploaded = await upload_all(stack, company, corpus(6, seed=50), tmp_path)
+    first, second = stack.of_role("web")
+    before = await wait_all(first.url, company, list(uploaded))
+    stack.stop(second)
+    restarted = stack.start("web", second.port)
+    stack.wait_healthy([restarted])
+    for worker in (restarted, first):
+        async with DocflowClient(worker.url, company) as client:
+            deadline = time.monotonic() + 60
+            for doc, status in before.items():
+                while True:
+                    try:
+                        after = await client.status(doc)
+                        if not after["stale"]:
+                            break
+                    except ApiError as exc:
+                        if exc.status not in (404, 503) or time.monotonic() > deadline:
+                            raise
+                    await asyncio.sleep(0.5)
+                after.pop("stale"), status.pop("stale", None)
+                assert after == status
+
+
+async def test_bad_inputs_get_clear_errors_and_workers_go_on(stack, kafka_settings, tmp_path):
+    company = f"bad-{uuid.uuid4().hex[:8]}"
+    web = stack.of_role("web")[0].url
+
+    def file(name: str, data: bytes) -> Path:
+        path = tmp_path / name
+        path.write_bytes(data)
+        return path
+
+    async with DocflowClient(web, company) as client:
+        corrupt = (await client.upload(file("broken.pdf", documents.corrupt_pdf())))["document_id"]
+        encrypted = (await client.upload(file("secret.pdf", documents.make_encrypted_pdf())))["document_id"]
+        image_only = (await client.upload(file("scan.pdf", documents.make_image_only_pdf())))["document_id"]
+        titled = await client.upload(file("plain.txt", b"plain words " * 100), title="Plain", tags="a,b")
+        refusals = {}
+        for name, data in [("empty.txt", b""), ("big.txt", b"x" * (MAX_UPLOAD_BYTES + 1)), ("sheet.xlsx", b"PK\x03\x04")]:
+            with pytest.raises(ApiError) as refused:
+                await client.upload(file(name, data))
+            refusals[name] = (refused.value.status, refused.value.code)
+        good = (await client.upload(file("after.md", documents.make_markdown("ok", ["still working " * 50]))))
+        with pytest.raises(ApiError) as unknown:
+            await client.status(str(uuid.uuid4()))
+
+    assert refusals == {
+        "empty.txt": (422, "empty_file"),
+        "big.txt": (413, "too_large"),
+        "sheet.xlsx": (415, "unsupported_type"),
+    }
+    assert unknown.value.status == 404
+    company_objects = kafka_settings.home / "objects" / company
+    stored_names = {path.name for path in company_objects.rglob("*") if path.is_file()}
+    assert "big.txt" not in stored_names and "empty.txt" not in stored_names
+
+    statuses = await wait_all(web, company, [corrupt, encrypted, image_only, good["document_id"]])
+    assert statuses[good["document_id"]]["state"] == "completed"
+    for doc, reason in [(corrupt, "not a valid PDF"), (encrypted, "encrypted"), (image_only, "no extractable text")]:
+        assert statuses[doc]["state"] == "failed"
+        assert reason in statuses[doc]["error"]
+    dead = await read_topic(kafka_settings, DOCUMENTS_DLQ.name, {corrupt, encrypted, image_only}, 3)
+    assert {letter["document_id"] for letter in dead} == {corrupt, encrypted, image_only}
+    assert all(letter["stage"] == "extract" and letter["original"]["document_id"] for letter in dead)
+
+    # Another company's document is as unknown as a missing one, and a missing company is a bad request.
+    async with DocflowClient(web, "someone-else") as other:
+        with pytest.raises(ApiError) as foreign:
+            await other.status(good["document_id"])
+    assert foreign.value.status == 404
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{web}/api/v1/documents/{good['document_id']}") as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "missing_company_id"
+        form = aiohttp.FormData()
+        form.add_field("file", b"hello there", filename="../../etc/passwd", content_type="text/plain")
+        async with session.post(f"{web}/api/v1/upload", data=form, headers={"X-Company-ID": company}) as response:
+            assert response.status == 202
+            climbing = (await response.json())["document_id"]
+    assert (company_objects / climbing / "passwd").read_bytes() == b"hello there"
+    assert not (kafka_settings.home / "etc").exists()
+    statuses = await wait_all(web, company, [climbing, titled["document_id"]])
+    assert {status["state"] for status in statuses.values()} == {"completed"}
+    assert statuses[climbing]["filename"] == "passwd"
+
+
+async def test_every_role_serves_the_seed_metrics(stack):
+    names = {
+        "web": ["ingest_uploads_total", "ingest_kafka_messages_produced_total", "ingest_upload_file_size_bytes"],
+        "chunker": ["docproc_messages_consumed_total", "docproc_chunks_produced_total", "docproc_s3_download_duration_seconds"],
+        "embedder": ["embedding_messages_consumed_total", "embedding_texts_processed_total",
+                     "embedding_batch_processing_duration_seconds"],
+    }
+    async with aiohttp.ClientSession() as session:
+        for role, expected in names.items():
+            async with session.get(f"{stack.of_role(role)[0].url}/metrics") as response:
+                assert response.status == 200
+                text = await response.text()
+            for name in expected:
+                assert f"\n{name}" in text, f"{role} /metrics lacks {name}"
+            assert "faust_" in text  # Faust's own sensor, next to docflow's
+
+
+async def test_messages_on_every_topic_match_their_json_schemas(stack, kafka_settings, tmp_path):
+    from jsonschema import Draft202012Validator
+
+    from pipeline.topics import CHUNKS_PROCESSED, DOCUMENTS_RAW, DOCUMENTS_STATUS
+
+    company = f"schema-{uuid.uuid4().hex[:8]}"
+    files = corpus(2, seed=7) + [("bad.pdf", documents.corrupt_pdf())]
+    uploaded = await upload_all(stack, company, files, tmp_path)
+    await wait_all(stack.of_role("web")[0].url, company, list(uploaded))
+    for spec in (DOCUMENTS_RAW, CHUNKS_PROCESSED, EMBEDDINGS_READY, DOCUMENTS_STATUS, DOCUMENTS_DLQ):
+        schema = json.loads((REPO_ROOT / "pipeline" / "schemas" / f"{spec.name}.json").read_text())
+        validator = Draft202012Validator(schema)
+        messages = await read_topic(kafka_settings, spec.name, set(uploaded), 1, timeout=15)
+        assert messages, f"no message on {spec.name}"
+        for message in messages:
+            assert "__faust" not in message
+            errors = [error.message for error in validator.iter_errors(message)]
+            assert not errors, f"{spec.name}: {errors}"
+
+
+async def test_undecodable_message_goes_to_the_dead_letter_topic_and_the_chunker_goes_on(stack, kafka_settings, tmp_path):
+    from aiokafka import AIOKafkaProducer
+
+    from pipeline.topics import DOCUMENTS_RAW
+
+    poison_key = f"poison-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(DOCUMENTS_RAW.name, b'{"document_id": "half a record"}', key=poison_key.encode())
+        await producer.send_and_wait(DOCUMENTS_RAW.name, b"not json at all", key=poison_key.encode())
+    finally:
+        await producer.stop()
+    company = f"after-poison-{uuid.uuid4().hex[:8]}"
+    uploaded = await upload_all(stack, company, corpus(4, seed=9), tmp_path)  # some share the poisoned partition
+    statuses = await wait_all(stack.of_role("web")[0].url, company, list(uploaded), timeout=120)
+    assert {status["state"] for status in statuses.values()} == {"completed"}
+    dead = await read_topic(kafka_settings, DOCUMENTS_DLQ.name, {poison_key}, 2, timeout=20)
+    assert [letter["stage"] for letter in dead] == ["decode", "decode"]
+    assert dead[1]["original"]["value"] == "not json at all"

@@ -1,0 +1,201 @@
+"""The web role's API (DESIGN §6): upload, text ingestion, a document's status, a company's list."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+import aiohttp
+from faust.web import Request, Response, View
+
+from pipeline import metrics
+from pipeline.storage import sanitize_filename
+from web.ingest import IngestError, announce, check_type, company_from, options_from, sniff, store
+
+PIECE_BYTES = 64 * 1024
+MAX_FIELD_BYTES = 64 * 1024
+MAX_TEXT_BYTES_OVERHEAD = 64 * 1024  # JSON quoting around the text itself
+LOCAL_ONLY = "local"  # query flag a web worker sets when it asks a peer for its share of a list
+
+
+def error(view: View, status: int, code: str, message: str) -> Response:
+    return view.json({"error": {"code": code, "message": message}}, status=status)
+
+
+def refusing(handler):
+    """Answer IngestError as the JSON error contract."""
+
+    async def respond(view: View, request: Request, *args, **kwargs) -> Response:
+        try:
+            return await handler(view, request, *args, **kwargs)
+        except IngestError as exc:
+            return error(view, exc.status, exc.code, exc.message)
+
+    return respond
+
+
+def accepted(view: View, document_id: str) -> Response:
+    return view.json(
+        {"document_id": document_id, "status": "uploaded", "status_url": f"/api/v1/documents/{document_id}"},
+        status=202,
+    )
+
+
+async def _part_pieces(part: aiohttp.BodyPartReader) -> AsyncIterator[bytes]:
+    while piece := await part.read_chunk(PIECE_BYTES):
+        yield piece
+
+
+def register(app) -> None:
+    settings = app.settings
+    table = app.status_table
+
+    @app.page("/api/v1/upload")
+    class Upload(View):
+        """multipart/form-data: ``file`` plus optional chunk_size, chunk_overlap, title, tags."""
+
+        @refusing
+        async def post(self, request: Request) -> Response:
+            started = time.perf_counter()
+            company_id = company_from(request.headers.get("X-Company-ID"))
+            limit = settings.max_upload_bytes
+            if request.content_length is not None and request.content_length > limit + MAX_FIELD_BYTES:
+                metrics.ingest_uploads_total.labels(company_id, "unknown", "too_large").inc()
+                raise IngestError(413, "too_large", f"the upload is larger than the {limit}-byte limit")
+            if not request.content_type.startswith("multipart/"):
+                raise IngestError(400, "expected_multipart", "send the document as multipart/form-data in a 'file' field")
+            reader = await request.multipart()
+            fields: dict[str, str] = {}
+            stored = None
+            try:
+                async for part in reader:
+                    if part.name != "file":
+                        fields[part.name or ""] = (await part.read_chunk(MAX_FIELD_BYTES)).decode(errors="replace")
+                        continue
+                    if stored is not None:
+                        raise IngestError(422, "invalid_parameter", "send exactly one file per upload")
+                    filename = sanitize_filename(part.filename or "document")
+                    head, pieces = await sniff(_part_pieces(part))
+                    content_type = check_type(company_id, filename, part.headers.get("Content-Type"), head)
+                    options_from(fields, settings.chunk_size, settings.chunk_overlap)  # refuse before storing
+                    document_id = str(uuid.uuid4())
+                    stored = await store(app, company_id, document_id, filename, content_type, pieces)
+                if stored is None:
+                    raise IngestError(422, "missing_file", "no 'file' field in the upload")
+                options = options_from(fields, settings.chunk_size, settings.chunk_overlap)
+            except BaseException:
+                if stored is not None:
+                    with contextlib.suppress(Exception):
+                        await app.storage.delete(stored.key)
+                raise
+            await announce(app, stored, company_id, document_id, filename, content_type, options)
+            metrics.ingest_request_processing_duration_seconds.observe(time.perf_counter() - started)
+            return accepted(self, document_id)
+
+    @app.page("/api/v1/documents/text")
+    class TextDocument(View):
+        """JSON ``{"text", "title", "filename", "tags", "chunk_size", "chunk_overlap"}``."""
+
+        @refusing
+        async def post(self, request: Request) -> Response:
+            started = time.perf_counter()
+            company_id = company_from(request.headers.get("X-Company-ID"))
+            limit = settings.max_upload_bytes
+            if request.content_length is not None and request.content_length > limit + MAX_TEXT_BYTES_OVERHEAD:
+                raise IngestError(413, "too_large", f"the text is larger than the {limit}-byte limit")
+            try:
+                body = json.loads(await request.read())
+            except (ValueError, UnicodeDecodeError):
+                raise IngestError(400, "invalid_json", "the body must be a JSON object") from None
+            if not isinstance(body, dict):
+                raise IngestError(400, "invalid_json", "the body must be a JSON object")
+            if body.get("company_id", company_id) != company_id:
+                raise IngestError(400, "invalid_company_id", "company_id in the body differs from X-Company-ID")
+            text = body.get("text")
+            if not isinstance(text, str):
+                raise IngestError(422, "invalid_parameter", "text must be a string")
+            options = options_from(body, settings.chunk_size, settings.chunk_overlap)
+            filename = sanitize_filename(body.get("filename") or f"{options.title or 'text'}.txt")
+            data = text.encode()
+
+            async def pieces() -> AsyncIterator[bytes]:
+                yield data
+
+            head, body_pieces = await sniff(pieces())
+            content_type = check_type(company_id, filename, "text/markdown" if filename.endswith(".md") else "text/plain", head.strip())
+            document_id = str(uuid.uuid4())
+            stored = await store(app, company_id, document_id, filename, content_type, body_pieces)
+            await announce(app, stored, company_id, document_id, filename, content_type, options)
+            metrics.ingest_request_processing_duration_seconds.observe(time.perf_counter() - started)
+            return accepted(self, document_id)
+
+    @app.page("/api/v1/documents/{document_id}")
+    class DocumentStatusView(View):
+        """A document's status, answered by whichever web worker owns its partition."""
+
+        @refusing
+        @app.table_route(table=table, match_info="document_id")
+        async def get(self, request: Request, document_id: str) -> Response:
+            company_id = company_from(request.headers.get("X-Company-ID") or request.query.get("company_id"))
+            status = table.get(document_id.encode())
+            if status is None or status.company_id != company_id:
+                # Another company's document is as unknown as a missing one.
+                return error(self, 404, "not_found", f"no document {document_id} for company {company_id}")
+            body = status.public()
+            body["stale"] = bool(app.rebalancing or app.in_recovery)
+            return self.json(body)
+
+    @app.page("/api/v1/documents")
+    class DocumentList(View):
+        """The company's documents across every web worker, newest first."""
+
+        @refusing
+        async def get(self, request: Request) -> Response:
+            company_id = company_from(request.query.get("company_id") or request.headers.get("X-Company-ID"))
+            documents = [
+                status.public() for status in table.values() if status.company_id == company_id
+            ]
+            partial = False
+            if request.query.get(LOCAL_ONLY) != "1":
+                peer_documents, partial = await _from_peers(app, company_id)
+                documents.extend(peer_documents)
+            documents.sort(key=lambda doc: doc["created_ms"], reverse=True)
+            return self.json({
+                "company_id": company_id,
+                "documents": documents,
+                "count": len(documents),
+                "partial": partial,
+                "stale": bool(app.rebalancing or app.in_recovery),
+            })
+
+
+async def _from_peers(app, company_id: str) -> tuple[list[dict], bool]:
+    """Each other web worker's share of the list; partial when a peer did not answer."""
+    own = str(app.conf.canonical_url).rstrip("/")
+    try:
+        hosts = app.router.table_metadata(app.status_table.name)
+    except KeyError:
+        return [], True
+    peers = [str(url).rstrip("/") for url in hosts if str(url).rstrip("/") != own]
+    if not peers:
+        return [], False
+
+    async def fetch(peer: str) -> list[dict] | None:
+        try:
+            async with app.http_client.get(
+                f"{peer}/api/v1/documents", params={"company_id": company_id, LOCAL_ONLY: "1"},
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as response:
+                if response.status != 200:
+                    return None
+                return (await response.json())["documents"]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+            return None
+
+    answers = await asyncio.gather(*(fetch(peer) for peer in peers))
+    documents = [doc for answer in answers if answer is not None for doc in answer]
+    return documents, any(answer is None for answer in answers)

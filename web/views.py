@@ -1,0 +1,52 @@
+"""Views every role serves: /health here, /metrics from Faust's Prometheus sensor (pipeline.app)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import AIOKafkaClient
+from aiokafka.errors import KafkaError
+from faust.web import Request, Response, View
+
+BROKER_CHECK_SECONDS = 3.0
+
+
+class BrokerProbe:
+    """One long-lived metadata client, so a health check costs one request, not a new connection."""
+
+    def __init__(self, bootstrap_servers: str) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self._client: AIOKafkaClient | None = None
+
+    async def reachable(self) -> bool:
+        try:
+            if self._client is None:
+                client = AIOKafkaClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=2000)
+                await asyncio.wait_for(client.bootstrap(), BROKER_CHECK_SECONDS)
+                self._client = client
+            await asyncio.wait_for(self._client.fetch_all_metadata(), BROKER_CHECK_SECONDS)
+            return True
+        except (KafkaError, OSError, asyncio.TimeoutError):
+            return False
+
+
+def register_common(app) -> None:
+    probe = BrokerProbe(app.settings.bootstrap_servers)
+
+    @app.page("/health")
+    class Health(View):
+        """200 when the broker answers and the role's state is recovered, else 503 with the reason."""
+
+        async def get(self, request: Request) -> Response:
+            broker = await probe.reachable()
+            recovered = app.tables.recovery.completed.is_set() if app.status_table is not None else True
+            checks = {
+                "broker": "ok" if broker else "unreachable",
+                "table": "recovered" if recovered else "recovering",
+                "rebalancing": bool(app.rebalancing),
+            }
+            ready = broker and recovered
+            return self.json(
+                {"status": "ok" if ready else "unavailable", "role": app.role, "checks": checks},
+                status=200 if ready else 503,
+            )

@@ -15,6 +15,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_exponential
+
 from agents.dead_letters import give_up
 from pipeline import metrics
 from pipeline.chunking import ChunkedDocument, chunk_document, chunk_id
@@ -120,8 +122,14 @@ async def chunk_batch(app, pool: ExtractionPool, batch: list[DocumentUploaded]) 
 
 async def _download(app, uploaded: DocumentUploaded, deliveries: list) -> bytes | None:
     started = time.perf_counter()
+    # Storage being down is no fault of the document: wait for it (the partition pauses,
+    # heartbeats go on), rather than fail the document or acknowledge it unprocessed.
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(lambda exc: isinstance(exc, StorageError) and not isinstance(exc, ObjectNotFound)),
+        wait=wait_exponential(multiplier=0.5, max=30), before_sleep=before_sleep_log(log, logging.WARNING),
+    )
     try:
-        data = await app.storage.get(app.storage.key_of(uploaded.s3_path))
+        data = await retrying(_read_original, app, uploaded)
     except (ObjectNotFound, ValueError) as exc:
         metrics.docproc_processing_errors_total.labels("download").inc()
         deliveries += await give_up(
@@ -130,12 +138,16 @@ async def _download(app, uploaded: DocumentUploaded, deliveries: list) -> bytes 
             error=f"the original is not in storage ({exc})", original=uploaded.asdict(),
         )
         return None
-    except StorageError:
-        # Storage is down, not the document: stop here so the message is redelivered after a restart.
-        metrics.docproc_processing_errors_total.labels("download").inc()
-        raise
     metrics.docproc_s3_download_duration_seconds.observe(time.perf_counter() - started)
     return data
+
+
+async def _read_original(app, uploaded: DocumentUploaded) -> bytes:
+    try:
+        return await app.storage.get(app.storage.key_of(uploaded.s3_path))
+    except StorageError:
+        metrics.docproc_processing_errors_total.labels("download").inc()
+        raise
 
 
 async def _chunk_alone(pool: ExtractionPool, uploaded: DocumentUploaded, data: bytes, extractor: str):

@@ -6,12 +6,19 @@ import asyncio
 import time
 from collections import defaultdict
 
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
 from agents.dead_letters import give_up
 from pipeline import metrics
 from pipeline.embedding import EmbeddingBackend, EmbeddingError, create_backend
 from pipeline.records import Chunk, ChunkEmbedding, StatusEvent, now_ms
 
 BATCH_WITHIN_SECONDS = 0.2
+EMBED_ATTEMPTS = 5
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, EmbeddingError) and not exc.permanent
 
 
 def register(app) -> None:
@@ -23,6 +30,11 @@ def register(app) -> None:
         async for batch in stream.take(settings.embedding_batch_size, within=BATCH_WITHIN_SECONDS):
             await embed_batch(app, backend, batch)
 
+    @app.task
+    async def load_model() -> None:
+        # A local model takes seconds to load: do it at start, not in the first batch.
+        await backend.load()
+
     @app.on_before_shutdown.connect
     async def close_backend(app_, **kwargs) -> None:
         await backend.close()
@@ -32,10 +44,15 @@ async def embed_batch(app, backend: EmbeddingBackend, batch: list[Chunk]) -> Non
     """Embed one batch; returns once every message it produced is acknowledged."""
     started = time.perf_counter()
     metrics.embedding_messages_consumed_total.inc(len(batch))
+    texts = [chunk.text for chunk in batch]
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(_transient), stop=stop_after_attempt(EMBED_ATTEMPTS),
+        wait=wait_exponential(multiplier=0.5, max=8), reraise=True,
+    )
     try:
-        vectors = await backend.embed([chunk.text for chunk in batch])
+        vectors = await retrying(backend.embed, texts)
     except EmbeddingError as exc:
-        await _give_up_on(app, batch, str(exc))
+        await _give_up_on(app, batch, str(exc), retrying.statistics.get("attempt_number", 1))
         return
     created = now_ms()
     deliveries = []
@@ -56,12 +73,12 @@ async def embed_batch(app, backend: EmbeddingBackend, batch: list[Chunk]) -> Non
     metrics.embedding_batch_processing_duration_seconds.observe(time.perf_counter() - started)
 
 
-async def _give_up_on(app, batch: list[Chunk], reason: str) -> None:
+async def _give_up_on(app, batch: list[Chunk], reason: str, attempts: int) -> None:
     deliveries = []
     for chunk in batch:
         deliveries += await give_up(
             app, document_id=chunk.document_id, company_id=chunk.company_id,
             topic=app.chunks_topic.get_topic_name(), stage="embed", error=f"embedding failed: {reason}",
-            original=chunk.asdict(),
+            original=chunk.asdict(), attempts=attempts,
         )
     await asyncio.gather(*deliveries)

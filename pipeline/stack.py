@@ -24,7 +24,8 @@ def run_worker(settings: Settings, role: str, loglevel: str = "info") -> None:
     from pipeline.app import create_app
 
     app = create_app(settings, role)
-    faust.Worker(app, loglevel=loglevel, override_logging=True).execute_from_commandline()
+    quiet = loglevel.lower() in ("warning", "warn", "error", "critical")  # no banner or spinner under `docflow up`
+    faust.Worker(app, loglevel=loglevel, override_logging=True, quiet=quiet).execute_from_commandline()
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -68,6 +69,33 @@ class WorkerStack:
             raise RuntimeError(
                 "workers not healthy in time:\n" + "\n".join(f"{w.role}:\n{tail(w.log_path)}" for w in pending)
             )
+
+    def wait_balanced(self, inputs: dict[str, str], partitions: int, timeout: float = 120.0) -> None:
+        """Wait until each role's processes together own every partition of its input topic.
+
+        Uploading while a role's group still rebalances gets messages redelivered (at-least-once),
+        which a test that counts deliveries must not see.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self._owned(role, topic) == set(range(partitions)) for role, topic in inputs.items()):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"roles not balanced in time: { {role: self._owned(role, topic) for role, topic in inputs.items()} }")
+
+    def _owned(self, role: str, topic: str) -> set[int] | None:
+        owned: list[int] = []
+        for worker in self.of_role(role):
+            try:
+                with urllib.request.urlopen(f"{worker.url}/health", timeout=2) as response:
+                    health = json.load(response)
+            except (urllib.error.URLError, OSError, ValueError):
+                return None
+            mine = health["checks"]["assigned"].get(topic, [])
+            if health["checks"]["rebalancing"] or not mine:
+                return None
+            owned += mine
+        return set(owned) if len(owned) == len(set(owned)) else None
 
     def stop(self, worker: Worker, sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
         if worker.alive():

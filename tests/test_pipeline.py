@@ -22,6 +22,7 @@ from tests.conftest import free_port
 from tests.stack import WorkerStack, worker_env
 
 MAX_UPLOAD_BYTES = 1_000_000
+ROLE_INPUTS = {"web": "documents.status", "chunker": "documents.raw", "embedder": "chunks.processed"}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def stack(kafka_settings, tmp_path_factory):
     started.append(workers.start("embedder", free_port()))
     try:
         workers.wait_healthy(started)
+        workers.wait_balanced(ROLE_INPUTS, kafka_settings.topic_partitions)
         yield workers
     finally:
         workers.stop_all()
@@ -160,6 +162,7 @@ async def test_chunker_killed_mid_run_every_document_still_completes(stack, tmp_
     statuses = await wait_all(web, company, list(uploaded), timeout=240)
     assert {status["state"] for status in statuses.values()} == {"completed"}
     stack.wait_healthy([stack.start("chunker", free_port())])
+    stack.wait_balanced(ROLE_INPUTS, stack.settings.topic_partitions)
 
 
 async def test_restarted_web_worker_serves_the_same_statuses(stack, tmp_path):
@@ -170,6 +173,7 @@ async def test_restarted_web_worker_serves_the_same_statuses(stack, tmp_path):
     stack.stop(second)
     restarted = stack.start("web", second.port)
     stack.wait_healthy([restarted])
+    stack.wait_balanced(ROLE_INPUTS, stack.settings.topic_partitions)
     for worker in (restarted, first):
         async with DocflowClient(worker.url, company) as client:
             deadline = time.monotonic() + 60

@@ -40,10 +40,14 @@ def register_common(app) -> None:
         async def get(self, request: Request) -> Response:
             broker = await probe.reachable()
             recovered = app.tables.recovery.completed.is_set() if app.status_table is not None else True
+            assigned: dict[str, list[int]] = {}
+            for tp in app.consumer.assignment():
+                assigned.setdefault(tp.topic, []).append(tp.partition)
             checks = {
                 "broker": "ok" if broker else "unreachable",
                 "table": "recovered" if recovered else "recovering",
                 "rebalancing": bool(app.rebalancing),
+                "assigned": {topic: sorted(partitions) for topic, partitions in sorted(assigned.items())},
             }
             ready = broker and recovered
             return self.json(

@@ -311,3 +311,18 @@ async def test_undecodable_message_goes_to_the_dead_letter_topic_and_the_chunker
     dead = await read_topic(kafka_settings, DOCUMENTS_DLQ.name, {poison_key}, 2, timeout=20)
     assert [letter["stage"] for letter in dead] == ["decode", "decode"]
     assert dead[1]["original"]["value"] == "not json at all"
+
+
+async def test_text_ingestion_completes_with_its_own_chunking_options(stack):
+    company = f"text-{uuid.uuid4().hex[:8]}"
+    text = "\n\n".join(documents.lorem_pages(3, 200, seed=3))
+    async with DocflowClient(stack.of_role("web")[1].url, company) as client:
+        answer = await client.upload_text(text, title="Meeting notes", tags=["q3"], chunk_size=300, chunk_overlap=50)
+        with pytest.raises(ApiError) as refused:
+            await client.upload_text(text, chunk_size=300, chunk_overlap=300)
+        status = await client.wait(answer["document_id"], timeout=120)
+    assert refused.value.status == 422 and refused.value.code == "invalid_parameter"
+    expected = chunk_document(text.encode(), "text/plain", 300, 50)
+    assert status["state"] == "completed"
+    assert status["chunks_total"] == len(expected.chunks)
+    assert status["filename"] == "Meeting notes.txt"

@@ -14,7 +14,7 @@ from faust.web import Request, Response, View
 
 from pipeline import metrics
 from pipeline.storage import sanitize_filename
-from web.ingest import IngestError, announce, check_type, company_from, options_from, sniff, store
+from web.ingest import SNIFF_BYTES, IngestError, announce, check_type, company_from, options_from, sniff, store
 
 PIECE_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 64 * 1024
@@ -26,16 +26,28 @@ def error(view: View, status: int, code: str, message: str) -> Response:
     return view.json({"error": {"code": code, "message": message}}, status=status)
 
 
-def refusing(handler):
-    """Answer IngestError as the JSON error contract."""
+def api_view(handler):
+    """Answer IngestError as the JSON error contract, and time every API request."""
 
     async def respond(view: View, request: Request, *args, **kwargs) -> Response:
+        started = time.perf_counter()
         try:
             return await handler(view, request, *args, **kwargs)
         except IngestError as exc:
             return error(view, exc.status, exc.code, exc.message)
+        finally:
+            metrics.ingest_request_processing_duration_seconds.observe(time.perf_counter() - started)
 
     return respond
+
+
+def admitted_company(request: Request, limit: int, overhead: int) -> str:
+    """The request's company id, once the declared body size is within the upload limit."""
+    company_id = company_from(request.headers.get("X-Company-ID"))
+    if request.content_length is not None and request.content_length > limit + overhead:
+        metrics.ingest_uploads_total.labels(company_id, "unknown", "too_large").inc()
+        raise IngestError(413, "too_large", f"the upload is larger than the {limit}-byte limit")
+    return company_id
 
 
 def accepted(view: View, document_id: str) -> Response:
@@ -58,14 +70,9 @@ def register(app) -> None:
     class Upload(View):
         """multipart/form-data: ``file`` plus optional chunk_size, chunk_overlap, title, tags."""
 
-        @refusing
+        @api_view
         async def post(self, request: Request) -> Response:
-            started = time.perf_counter()
-            company_id = company_from(request.headers.get("X-Company-ID"))
-            limit = settings.max_upload_bytes
-            if request.content_length is not None and request.content_length > limit + MAX_FIELD_BYTES:
-                metrics.ingest_uploads_total.labels(company_id, "unknown", "too_large").inc()
-                raise IngestError(413, "too_large", f"the upload is larger than the {limit}-byte limit")
+            company_id = admitted_company(request, settings.max_upload_bytes, MAX_FIELD_BYTES)
             if not request.content_type.startswith("multipart/"):
                 raise IngestError(400, "expected_multipart", "send the document as multipart/form-data in a 'file' field")
             reader = await request.multipart()
@@ -93,20 +100,15 @@ def register(app) -> None:
                         await app.storage.delete(stored.key)
                 raise
             await announce(app, stored, company_id, document_id, filename, content_type, options)
-            metrics.ingest_request_processing_duration_seconds.observe(time.perf_counter() - started)
             return accepted(self, document_id)
 
     @app.page("/api/v1/documents/text")
     class TextDocument(View):
         """JSON ``{"text", "title", "filename", "tags", "chunk_size", "chunk_overlap"}``."""
 
-        @refusing
+        @api_view
         async def post(self, request: Request) -> Response:
-            started = time.perf_counter()
-            company_id = company_from(request.headers.get("X-Company-ID"))
-            limit = settings.max_upload_bytes
-            if request.content_length is not None and request.content_length > limit + MAX_TEXT_BYTES_OVERHEAD:
-                raise IngestError(413, "too_large", f"the text is larger than the {limit}-byte limit")
+            company_id = admitted_company(request, settings.max_upload_bytes, MAX_TEXT_BYTES_OVERHEAD)
             try:
                 body = json.loads(await request.read())
             except (ValueError, UnicodeDecodeError):
@@ -121,23 +123,22 @@ def register(app) -> None:
             options = options_from(body, settings.chunk_size, settings.chunk_overlap)
             filename = sanitize_filename(body.get("filename") or f"{options.title or 'text'}.txt")
             data = text.encode()
+            declared = "text/markdown" if filename.endswith(".md") else "text/plain"
+            content_type = check_type(company_id, filename, declared, data.strip()[:SNIFF_BYTES])
 
             async def pieces() -> AsyncIterator[bytes]:
                 yield data
 
-            head, body_pieces = await sniff(pieces())
-            content_type = check_type(company_id, filename, "text/markdown" if filename.endswith(".md") else "text/plain", head.strip())
             document_id = str(uuid.uuid4())
-            stored = await store(app, company_id, document_id, filename, content_type, body_pieces)
+            stored = await store(app, company_id, document_id, filename, content_type, pieces())
             await announce(app, stored, company_id, document_id, filename, content_type, options)
-            metrics.ingest_request_processing_duration_seconds.observe(time.perf_counter() - started)
             return accepted(self, document_id)
 
     @app.page("/api/v1/documents/{document_id}")
     class DocumentStatusView(View):
         """A document's status, answered by whichever web worker owns its partition."""
 
-        @refusing
+        @api_view
         @app.table_route(table=table, match_info="document_id")
         async def get(self, request: Request, document_id: str) -> Response:
             company_id = company_from(request.headers.get("X-Company-ID") or request.query.get("company_id"))
@@ -153,7 +154,7 @@ def register(app) -> None:
     class DocumentList(View):
         """The company's documents across every web worker, newest first."""
 
-        @refusing
+        @api_view
         async def get(self, request: Request) -> Response:
             company_id = company_from(request.query.get("company_id") or request.headers.get("X-Company-ID"))
             documents = [

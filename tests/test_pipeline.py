@@ -326,3 +326,33 @@ async def test_text_ingestion_completes_with_its_own_chunking_options(stack):
     assert status["state"] == "completed"
     assert status["chunks_total"] == len(expected.chunks)
     assert status["filename"] == "Meeting notes.txt"
+
+
+def test_cli_uploads_and_follows_documents_with_its_exit_codes(stack, tmp_path):
+    import subprocess
+    import sys
+
+    web = stack.of_role("web")[0]
+    env = dict(stack.env, DOCFLOW_WEB_PORT=str(web.port))
+    good = tmp_path / "good.md"
+    good.write_bytes(documents.make_markdown("cli", documents.lorem_pages(2, 150, seed=11)))
+    bad = tmp_path / "bad.pdf"
+    bad.write_bytes(documents.corrupt_pdf())
+
+    def docflow(*args: str, port_env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=port_env or env,
+                              capture_output=True, text=True, timeout=180)
+
+    done = docflow("upload", str(good), "--company", "cli-co", "--wait")
+    assert done.returncode == 0, done.stderr
+    document_id = done.stdout.split()[0]
+    assert f"{document_id}  completed" in done.stdout
+    failed = docflow("upload", str(bad), "--company", "cli-co", "--wait")
+    assert failed.returncode == 1
+    assert "not a valid PDF" in failed.stdout
+    assert docflow("status", document_id, "--company", "cli-co").returncode == 0
+    assert document_id in docflow("list", "--company", "cli-co").stdout
+    assert docflow("status", str(uuid.uuid4()), "--company", "cli-co").returncode == 1
+    assert docflow("upload", str(good)).returncode == 2  # --company is required
+    unreachable = dict(env, DOCFLOW_WEB_PORT=str(free_port()))
+    assert docflow("status", document_id, "--company", "cli-co", port_env=unreachable).returncode == 3

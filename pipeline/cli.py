@@ -33,6 +33,11 @@ def _api_url(settings) -> str:
     return f"http://{settings.web_host}:{settings.web_port}"
 
 
+def _chunks(status: dict) -> str:
+    total = status["chunks_total"]
+    return f"{status['chunks_embedded']}/{total if total is not None else '?'}"
+
+
 def _with_api(coroutine_fn):
     """Run an API call; an unreachable service exits 3, an API refusal exits 1."""
     try:
@@ -151,7 +156,7 @@ def upload(paths, company, chunk_size, chunk_overlap, title, tags, wait, timeout
             if wait:
                 for path, document_id in uploaded:
                     status = await client.wait(document_id, timeout)
-                    line = f"{document_id}  {status['state']}  chunks {status['chunks_embedded']}/{status['chunks_total']}"
+                    line = f"{document_id}  {status['state']}  chunks {_chunks(status)}"
                     if status["state"] != "completed":
                         failed += 1
                         line += f"  error: {status.get('error')}"
@@ -190,8 +195,7 @@ def list_documents(company: str) -> None:
     answer = _with_api(run)
     click.echo(f"{'document_id':36}  {'state':10}  {'chunks':>11}  filename")
     for doc in answer["documents"]:
-        chunks = f"{doc['chunks_embedded']}/{doc['chunks_total'] if doc['chunks_total'] is not None else '?'}"
-        click.echo(f"{doc['document_id']:36}  {doc['state']:10}  {chunks:>11}  {doc['filename']}")
+        click.echo(f"{doc['document_id']:36}  {doc['state']:10}  {_chunks(doc):>11}  {doc['filename']}")
     if answer.get("partial"):
         click.echo("(partial: a web worker did not answer)", err=True)
 

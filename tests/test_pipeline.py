@@ -254,6 +254,15 @@ async def test_bad_inputs_get_clear_errors_and_workers_go_on(stack, kafka_settin
     assert statuses[climbing]["filename"] == "passwd"
 
 
+async def test_web_role_serves_the_upload_page(stack):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{stack.of_role('web')[0].url}/") as response:
+            assert response.status == 200
+            assert response.content_type == "text/html"
+            page = await response.text()
+    assert 'id="upload"' in page and "/api/v1/documents?company_id=" in page
+
+
 async def test_every_role_serves_the_seed_metrics(stack):
     names = {
         "web": ["ingest_uploads_total", "ingest_kafka_messages_produced_total", "ingest_upload_file_size_bytes"],
@@ -267,7 +276,7 @@ async def test_every_role_serves_the_seed_metrics(stack):
                 assert response.status == 200
                 text = await response.text()
             for name in expected:
-                assert f"\n{name}" in text, f"{role} /metrics lacks {name}"
+                assert f"# TYPE {name} " in text, f"{role} /metrics lacks {name}"
             assert "faust_" in text  # Faust's own sensor, next to docflow's
 
 

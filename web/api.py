@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
@@ -62,9 +63,19 @@ async def _part_pieces(part: aiohttp.BodyPartReader) -> AsyncIterator[bytes]:
         yield piece
 
 
+INDEX_PAGE = Path(__file__).parent / "static" / "index.html"
+
+
 def register(app) -> None:
     settings = app.settings
     table = app.status_table
+
+    @app.page("/")
+    class Index(View):
+        """A page to upload documents and watch a company's documents progress."""
+
+        async def get(self, request: Request) -> Response:
+            return self.html(INDEX_PAGE.read_text())
 
     @app.page("/api/v1/upload")
     class Upload(View):

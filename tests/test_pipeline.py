@@ -11,7 +11,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from pipeline.chunking import chunk_document, chunk_id
 from pipeline.client import ApiError, DocflowClient
@@ -19,10 +18,9 @@ from pipeline.settings import REPO_ROOT
 from pipeline.topics import DOCUMENTS_DLQ, EMBEDDINGS_READY
 from tests import documents
 from tests.conftest import free_port
-from tests.stack import WorkerStack, worker_env
+from tests.stack import ROLE_INPUTS, WorkerStack, read_topic, upload_all, wait_all, worker_env
 
 MAX_UPLOAD_BYTES = 1_000_000
-ROLE_INPUTS = {"web": "documents.status", "chunker": "documents.raw", "embedder": "chunks.processed"}
 
 
 @pytest.fixture(scope="module")
@@ -68,50 +66,6 @@ CONTENT_TYPES = {".pdf": "application/pdf", ".txt": "text/plain", ".md": "text/m
 def expected_chunk_ids(document_id: str, filename: str, data: bytes) -> set[str]:
     chunked = chunk_document(data, CONTENT_TYPES[Path(filename).suffix], 1000, 200)
     return {chunk_id(document_id, piece.index) for piece in chunked.chunks}
-
-
-async def upload_all(stack: WorkerStack, company: str, files, tmp_path: Path) -> dict[str, tuple[str, bytes]]:
-    """Upload through the web workers in turn; returns document_id → (filename, data)."""
-    webs = stack.of_role("web")
-    uploaded = {}
-    for n, (filename, data) in enumerate(files):
-        path = tmp_path / filename
-        path.write_bytes(data)
-        async with DocflowClient(webs[n % len(webs)].url, company) as client:
-            answer = await client.upload(path)
-        uploaded[answer["document_id"]] = (filename, data)
-    return uploaded
-
-
-async def wait_all(url: str, company: str, document_ids, timeout: float = 180.0) -> dict[str, dict]:
-    async with DocflowClient(url, company) as client:
-        statuses = await asyncio.gather(*(client.wait(doc, timeout) for doc in document_ids))
-    return dict(zip(document_ids, statuses))
-
-
-async def read_topic(settings, topic: str, document_ids: set[str], until_count: int, timeout: float = 60.0):
-    """Every message on a topic for the given documents, read from the beginning."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=settings.bootstrap_servers, group_id=None, auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    found = []
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=1000)
-            for records in batches.values():
-                for record in records:
-                    value = json.loads(record.value)
-                    if value["document_id"] in document_ids:
-                        assert record.key.decode() == value["document_id"]
-                        found.append(value)
-            if len(found) >= until_count and not batches:
-                break
-    finally:
-        await consumer.stop()
-    return found
 
 
 async def test_twenty_documents_complete_and_every_chunk_is_embedded_exactly_once(stack, kafka_settings, tmp_path):

@@ -29,3 +29,10 @@ test: setup
 clean:
 	-$(BIN)/docflow kafka stop
 	rm -rf .docflow $(KAFKA_LIBS)
+
+# Benchmarks print figures (and write bench/results/); they are not tests.
+bench: setup
+	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/e2e.py --backend hashing --scaling
+	$(BIN)/python bench/e2e.py --backend local

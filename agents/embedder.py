@@ -11,6 +11,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from agents.dead_letters import give_up
 from pipeline import metrics
 from pipeline.embedding import EmbeddingBackend, EmbeddingError, create_backend
+from pipeline.embedding_cache import CachedBackend, EmbeddingCache, cache_path
 from pipeline.records import Chunk, ChunkEmbedding, StatusEvent, now_ms
 
 BATCH_WITHIN_SECONDS = 0.2
@@ -24,6 +25,10 @@ def _transient(exc: BaseException) -> bool:
 def register(app) -> None:
     settings = app.settings
     backend = create_backend(settings)
+    if settings.embedding_cache:
+        # One folder per process: RocksDB locks it.
+        cache = EmbeddingCache(cache_path(settings.home, f"embedder-{settings.web_port}"))
+        backend = CachedBackend(backend, cache)
 
     @app.agent(app.chunks_topic, name="embedder")
     async def embed_chunks(stream):

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     embedding_batch_size: int = Field(32, ge=1, description="Chunks per embedding batch.")
     openai_base_url: str = Field("", description="OpenAI-compatible base URL; empty falls back to OPENAI_BASE_URL.")
     openai_api_key: str = Field("", description="API key; empty falls back to OPENAI_API_KEY.")
+    openai_dimensions: int = Field(0, ge=0, description="Vector size asked of the model (text-embedding-3); 0 means its own.")
+    openai_concurrency: int = Field(4, ge=1, description="Embedding requests in flight at once per embedder.")
+    openai_max_retries: int = Field(5, ge=0, description="Retries of a request on 429, 5xx and timeouts (with backoff).")
+    openai_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of one embedding request.")
+    embedding_cache: bool = Field(True, description="Cache vectors by sha256 of (model, text) in RocksDB per embedder.")
 
     @field_validator("home", "kafka_libs")
     @classmethod

@@ -189,7 +189,3 @@ async def test_create_backend_follows_settings(tmp_path):
     with pytest.raises(EmbeddingError) as unknown:
         create_backend(settings(embedding_backend="local", embedding_model="no-such-model"))
     assert unknown.value.permanent
-
-    with pytest.raises(EmbeddingError, match="openai") as openai:
-        create_backend(settings(embedding_backend="openai"))
-    assert openai.value.permanent

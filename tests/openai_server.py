@@ -1,0 +1,308 @@
+"""An OpenAI-compatible embeddings server on loopback, for tests and benchmarks.
+
+``POST /v1/embeddings`` answers in the OpenAI response shape with deterministic vectors
+(:func:`vector_for`), records every request, and misbehaves on demand: random 429/500
+answers from a seeded RNG, a fixed number of failures in a row, 401 for every call,
+a delay per request, or a malformed body. Behaviour is set through
+:meth:`EmbeddingServer.configure` (thread-safe) or ``POST /control`` with the same
+fields as JSON, so a test in another process can steer it; ``GET /control`` returns the
+behaviour and request statistics.
+
+In the test's own loop::
+
+    async with EmbeddingServer() as server:
+        client = AsyncOpenAI(base_url=server.url, api_key="unused")
+
+Or on its own loop in a thread, which keeps the server's work off the caller's loop::
+
+    server = ThreadedEmbeddingServer(); server.start(); ...; server.stop()
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import math
+import random
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+DEFAULT_DIMS = 8
+MALFORMED_KINDS = ("json", "missing_vector", "not_floats")
+
+
+def vector_for(text: str, dims: int = DEFAULT_DIMS) -> list[float]:
+    """The server's unit vector for ``text``: the same in every process, exact through JSON."""
+    values = []
+    for position in range(dims):
+        digest = hashlib.sha256(f"{position}\x00{text}".encode()).digest()
+        # 53 bits fill a float64 mantissa: every value is exact, and spread over [-1, 1).
+        values.append(int.from_bytes(digest[:8], "big") / 2**63 - 1.0)
+    norm = math.sqrt(sum(value * value for value in values))
+    return [value / norm for value in values]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedRequest:
+    """One call of ``POST /v1/embeddings`` as the server saw it."""
+
+    inputs: list[str]
+    model: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    status: int
+
+
+@dataclasses.dataclass
+class Behaviour:
+    """How the server answers; :meth:`EmbeddingServer.configure` and ``POST /control`` set these fields."""
+
+    failure_rate: float = 0.0
+    failure_statuses: tuple[int, ...] = (429, 500)
+    seed: int = 0
+    retry_after: str | None = "0.01"  # seconds, sent as Retry-After with every 429/500; None sends none
+    fail_next: int = 0  # the next N requests fail with fail_next_status, before failure_rate applies
+    fail_next_status: int = 429
+    unauthorized: bool = False
+    delay_ms: float = 0.0
+    malformed: str | None = None  # one of MALFORMED_KINDS
+
+    def as_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "failure_statuses": list(self.failure_statuses)}
+
+
+class EmbeddingServer:
+    """The server in the caller's event loop: ``async with EmbeddingServer() as server``."""
+
+    def __init__(self, dims: int = DEFAULT_DIMS, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.dims = dims
+        self.host = host
+        self.port = port
+        self._lock = threading.Lock()
+        self._behaviour = Behaviour()
+        self._rng = random.Random(self._behaviour.seed)
+        self._requests: list[RecordedRequest] = []
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL to give the client, ``/v1`` included."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def control_url(self) -> str:
+        return f"http://{self.host}:{self.port}/control"
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/control", self._set_control)
+        app.router.add_get("/control", self._get_control)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        # Port 0 asks the OS for a free port; read back the one it picked.
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> EmbeddingServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # --- steering and observing, from any thread -------------------------------------------
+
+    def configure(self, **changes: Any) -> None:
+        """Change some :class:`Behaviour` fields; a new ``seed`` restarts the failure RNG."""
+        unknown = set(changes) - {field.name for field in dataclasses.fields(Behaviour)}
+        if unknown:
+            raise ValueError(f"unknown behaviour fields: {sorted(unknown)}")
+        if changes.get("malformed") not in (None, *MALFORMED_KINDS):
+            raise ValueError(f"malformed must be one of {MALFORMED_KINDS} or None")
+        if "failure_statuses" in changes:
+            changes["failure_statuses"] = tuple(changes["failure_statuses"])
+        with self._lock:
+            self._behaviour = dataclasses.replace(self._behaviour, **changes)
+            if "seed" in changes:
+                self._rng = random.Random(self._behaviour.seed)
+
+    def reset(self) -> None:
+        """Well-behaved again, with no recorded requests."""
+        with self._lock:
+            self._behaviour = Behaviour()
+            self._rng = random.Random(self._behaviour.seed)
+            self._requests.clear()
+            self._max_in_flight = self._in_flight
+
+    @property
+    def behaviour(self) -> Behaviour:
+        with self._lock:
+            return dataclasses.replace(self._behaviour)
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests the server was handling at once since the last :meth:`reset`."""
+        with self._lock:
+            return self._max_in_flight
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        with self._lock:
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            behaviour = dataclasses.replace(self._behaviour)
+        try:
+            # Read the body first: a client that times out during the delay leaves nothing unread.
+            body = await request.json()
+            status, response = self._answer(body, behaviour)
+            inputs = body.get("input")
+            with self._lock:
+                self._requests.append(RecordedRequest(
+                    inputs=[inputs] if isinstance(inputs, str) else list(inputs or []),
+                    model=str(body.get("model")), headers=dict(request.headers), body=body, status=status,
+                ))
+            if behaviour.delay_ms:
+                await asyncio.sleep(behaviour.delay_ms / 1000)
+            return response
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _answer(self, body: dict[str, Any], behaviour: Behaviour) -> tuple[int, web.Response]:
+        if behaviour.unauthorized:
+            return 401, _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        failure = self._pick_failure(behaviour)
+        if failure:
+            headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after is not None else {}
+            kind = "rate_limit_exceeded" if failure == 429 else "server_error"
+            return failure, _error(failure, f"test server failure {failure}", kind, kind, headers)
+
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
+            return 400, _error(400, "input must be a non-empty string or list of strings", "invalid_request_error")
+        dims = body.get("dimensions") or self.dims
+        vectors = [vector_for(text, dims) for text in texts]
+
+        if behaviour.malformed == "json":
+            return 200, web.Response(text='{"object": "list", "data": [', content_type="application/json")
+        if behaviour.malformed == "missing_vector":
+            vectors = vectors[:-1]
+        data = []
+        for index, vector in enumerate(vectors):
+            embedding: Any = vector
+            if behaviour.malformed == "not_floats":
+                embedding = ["not a number"] * len(vector)
+            elif body.get("encoding_format") == "base64":
+                embedding = base64.b64encode(array.array("f", vector).tobytes()).decode()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        # Out of order on purpose: clients must place vectors by index, not by position.
+        data.reverse()
+        tokens = sum(len(text.split()) for text in texts)
+        return 200, web.json_response({
+            "object": "list", "data": data, "model": body.get("model"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+
+    def _pick_failure(self, behaviour: Behaviour) -> int | None:
+        with self._lock:
+            if self._behaviour.fail_next > 0:
+                self._behaviour.fail_next -= 1
+                return behaviour.fail_next_status
+            if behaviour.failure_rate and self._rng.random() < behaviour.failure_rate:
+                return self._rng.choice(behaviour.failure_statuses)
+        return None
+
+    async def _set_control(self, request: web.Request) -> web.Response:
+        changes = await request.json()
+        try:
+            if changes.pop("reset", False):
+                self.reset()
+            self.configure(**changes)
+        except (TypeError, ValueError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return await self._get_control(request)
+
+    async def _get_control(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "behaviour": self.behaviour.as_json(),
+            "requests": len(self.requests),
+            "max_in_flight": self.max_in_flight,
+        })
+
+
+def _error(
+    status: int, message: str, kind: str, code: str | None = None, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+class ThreadedEmbeddingServer(EmbeddingServer):
+    """The same server on its own event loop in a daemon thread: ``start()`` and ``stop()`` block."""
+
+    def __init__(self, dims: int = DEFAULT_DIMS, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(dims=dims, host=host, port=port)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 10.0) -> None:  # type: ignore[override]
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(EmbeddingServer.start(self))
+            except BaseException as exc:
+                failure.append(exc)
+                started.set()
+                loop.close()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(EmbeddingServer.stop(self))
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="openai-test-server", daemon=True)
+        self._thread.start()
+        if not started.wait(timeout):
+            raise TimeoutError(f"the embedding server did not start within {timeout} s")
+        if failure:
+            raise failure[0]
+
+    def stop(self, timeout: float = 10.0) -> None:  # type: ignore[override]
+        if self._loop is None or self._thread is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        self._loop = self._thread = None
+
+    def __enter__(self) -> ThreadedEmbeddingServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

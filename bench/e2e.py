@@ -30,7 +30,7 @@ from pipeline.embedding import create_backend  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from tests import documents  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from tests.stack import ROLE_INPUTS, WorkerStack, worker_env  # noqa: E402
+from tests.stack import WorkerStack, worker_env  # noqa: E402
 
 CONTENT_TYPES = {".pdf": "application/pdf", ".txt": "text/plain", ".md": "text/markdown", ".html": "text/html"}
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -124,11 +124,7 @@ def measure(paths: list[Path], backend: str, chunkers: int, embedders: int, batc
             DOCFLOW_EMBEDDING_CACHE="false", DOCFLOW_CHUNKER_PROCESSES="0",
         ), logs)
         try:
-            workers = [stack.start("web", free_port())]
-            workers += [stack.start("chunker", free_port()) for _ in range(chunkers)]
-            workers += [stack.start("embedder", free_port()) for _ in range(embedders)]
-            stack.wait_healthy(workers)
-            stack.wait_balanced(ROLE_INPUTS, settings.topic_partitions)
+            stack.launch({"web": 1, "chunker": chunkers, "embedder": embedders})
             # Warm-up: model loads, first-batch costs and group joins stay out of the figures.
             asyncio.run(run_pipeline(stack, paths[:2]))
             return asyncio.run(run_pipeline(stack, paths))

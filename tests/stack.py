@@ -57,6 +57,15 @@ class WorkerStack:
         self.workers.append(worker)
         return worker
 
+    def launch(self, counts: dict[str, int]) -> list[Worker]:
+        """Start ``counts[role]`` processes of each role; return once all are healthy and balanced."""
+        from tests.conftest import free_port
+
+        started = [self.start(role, free_port()) for role, count in counts.items() for _ in range(count)]
+        self.wait_healthy(started)
+        self.wait_balanced({role: ROLE_INPUTS[role] for role in counts}, self.settings.topic_partitions)
+        return started
+
     def wait_healthy(self, workers: list[Worker], timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         pending = list(workers)

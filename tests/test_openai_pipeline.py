@@ -9,9 +9,8 @@ import pytest
 from pipeline.client import DocflowClient
 from pipeline.topics import CHUNKS_PROCESSED, DOCUMENTS_DLQ, EMBEDDINGS_READY
 from tests import documents
-from tests.conftest import free_port
 from tests.openai_server import ThreadedEmbeddingServer, vector_for
-from tests.stack import ROLE_INPUTS, WorkerStack, read_topic, upload_all, wait_all, worker_env
+from tests.stack import WorkerStack, read_topic, upload_all, wait_all, worker_env
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +31,8 @@ def openai_stack(kafka_settings, embedding_server, tmp_path_factory):
         DOCFLOW_EMBEDDING_BATCH_SIZE="16",
     )
     workers = WorkerStack(kafka_settings, env, tmp_path_factory.mktemp("openai-worker-logs"))
-    started = [workers.start("web", free_port()), workers.start("chunker", free_port()),
-               workers.start("embedder", free_port())]
     try:
-        workers.wait_healthy(started)
-        workers.wait_balanced(ROLE_INPUTS, kafka_settings.topic_partitions)
+        workers.launch({"web": 1, "chunker": 1, "embedder": 1})
         yield workers
     finally:
         workers.stop_all()

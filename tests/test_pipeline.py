@@ -32,12 +32,8 @@ def stack(kafka_settings, tmp_path_factory):
         DOCFLOW_CONSUMER_SESSION_TIMEOUT_SECONDS="10",
     )
     workers = WorkerStack(kafka_settings, env, logs)
-    started = [workers.start("web", free_port()), workers.start("web", free_port())]
-    started += [workers.start("chunker", free_port()), workers.start("chunker", free_port())]
-    started.append(workers.start("embedder", free_port()))
     try:
-        workers.wait_healthy(started)
-        workers.wait_balanced(ROLE_INPUTS, kafka_settings.topic_partitions)
+        workers.launch({"web": 2, "chunker": 2, "embedder": 1})
         yield workers
     finally:
         workers.stop_all()
@@ -115,8 +111,7 @@ async def test_chunker_killed_mid_run_every_document_still_completes(stack, tmp_
 
     statuses = await wait_all(web, company, list(uploaded), timeout=240)
     assert {status["state"] for status in statuses.values()} == {"completed"}
-    stack.wait_healthy([stack.start("chunker", free_port())])
-    stack.wait_balanced(ROLE_INPUTS, stack.settings.topic_partitions)
+    stack.launch({"chunker": 1})
 
 
 async def test_restarted_web_worker_serves_the_same_statuses(stack, tmp_path):

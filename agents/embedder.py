@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 
@@ -13,6 +14,8 @@ from pipeline import metrics
 from pipeline.embedding import EmbeddingBackend, EmbeddingError, create_backend
 from pipeline.embedding_cache import CachedBackend, EmbeddingCache, cache_path
 from pipeline.records import Chunk, ChunkEmbedding, StatusEvent, now_ms
+
+log = logging.getLogger(__name__)
 
 BATCH_WITHIN_SECONDS = 0.2
 EMBED_ATTEMPTS = 5
@@ -58,6 +61,11 @@ async def embed_batch(app, backend: EmbeddingBackend, batch: list[Chunk]) -> Non
         vectors = await retrying(backend.embed, texts)
     except EmbeddingError as exc:
         await _give_up_on(app, batch, str(exc), retrying.statistics.get("attempt_number", 1))
+        return
+    except Exception as exc:
+        # A backend bug must not crash the agent: Faust would acknowledge the batch anyway.
+        log.exception("unexpected embedding failure")
+        await _give_up_on(app, batch, f"unexpected {type(exc).__name__}: {exc}", 1)
         return
     created = now_ms()
     deliveries = []

@@ -94,3 +94,14 @@ async def test_transient_errors_that_never_end_are_given_up_after_the_attempt_li
     assert backend.calls == embedder.EMBED_ATTEMPTS
     [letter] = app.dlq_topic.sent
     assert letter.attempts == embedder.EMBED_ATTEMPTS
+
+
+async def test_unexpected_backend_error_fails_the_documents_instead_of_crashing_the_agent():
+    class BrokenBackend(FlakyBackend):
+        async def embed(self, texts):
+            raise ZeroDivisionError("division by zero")
+
+    app = RecordingApp()
+    await embedder.embed_batch(app, BrokenBackend(failures=0, permanent=False), chunks(2))
+    assert len(app.dlq_topic.sent) == 2
+    assert "ZeroDivisionError" in app.status_topic.sent[0].error

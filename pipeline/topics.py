@@ -52,7 +52,7 @@ async def create_topics(settings: Settings) -> list[str]:
         for name, code, *message in response.topic_errors:
             if code == 0:
                 created.append(name)
-            elif for_code(code) is not TopicAlreadyExistsError:  # lost a race with another creator: fine
+            elif for_code(code) is not TopicAlreadyExistsError:  # already there: another process created it
                 raise for_code(code)(f"cannot create topic {name}: {message[-1] if message else code}")
         return created
     finally:

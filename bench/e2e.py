@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.report import RESULTS_DIR, save  # noqa: E402
 from pipeline.broker import LocalBroker  # noqa: E402
 from pipeline.chunking import chunk_document  # noqa: E402
 from pipeline.client import DocflowClient  # noqa: E402
@@ -33,7 +33,6 @@ from tests.conftest import free_port  # noqa: E402
 from tests.stack import WorkerStack, worker_env  # noqa: E402
 
 CONTENT_TYPES = {".pdf": "application/pdf", ".txt": "text/plain", ".md": "text/markdown", ".html": "text/html"}
-RESULTS = REPO_ROOT / "bench" / "results"
 
 
 def generated_corpus(folder: Path, docs: int, pages: int) -> list[Path]:
@@ -178,11 +177,10 @@ def main() -> None:
             run["ratio"] = run["chunks_per_s"] / base["chunks_per_s"]
             runs.append(run)
     results = {"corpus": corpus, "backend": args.backend, "baseline": base, "pipeline": runs}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"e2e-{args.backend}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (RESULTS / f"e2e-{args.backend}.md").write_text(table)
     print(table)
+    save(RESULTS_DIR / f"e2e-{args.backend}.json", results)
+    (RESULTS_DIR / f"e2e-{args.backend}.md").write_text(table)
 
 
 if __name__ == "__main__":

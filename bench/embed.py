@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,10 +27,11 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.embedder_agent import measure_agent  # noqa: E402
 from pipeline.embedding import EmbeddingBackend, EmbeddingError, LocalBackend, OpenAIBackend  # noqa: E402
+from bench.report import RESULTS_DIR, save  # noqa: E402
 from tests.documents import lorem_pages  # noqa: E402
 from tests.openai_server import ThreadedEmbeddingServer  # noqa: E402
 
-RESULTS_PATH = REPO_ROOT / "bench" / "results" / "embed.json"
+RESULTS_PATH = RESULTS_DIR / "embed.json"
 TEXT_CHARS = 1000
 
 
@@ -141,17 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     ratio = results["openai batched"]["texts_per_s"] / results["openai one at a time"]["texts_per_s"]
     print(markdown_table(results, args.latency_ms, ratio))
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
+    save(args.output, {
         "server_latency_ms": args.latency_ms,
         "server_dims": args.dims,
         "text_chars": TEXT_CHARS,
         "results": results,
         "openai_batched_over_one_at_a_time": round(ratio, 1),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }, indent=2) + "\n")
-    print(f"\nwritten to {args.output}")
+    })
     return 0
 
 

@@ -12,8 +12,6 @@ plain text lines), so real-world corpora are the better guide to the ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -24,10 +22,11 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from pipeline.extract import ExtractionError, extract_pdf_with_pdfium, extract_pdf_with_pypdf  # noqa: E402
+from bench.report import RESULTS_DIR, save  # noqa: E402
 from tests.documents import lorem_pages, make_pdf  # noqa: E402
 
 EXTRACTORS = {"pdfium": extract_pdf_with_pdfium, "pypdf": extract_pdf_with_pypdf}
-RESULTS_PATH = REPO_ROOT / "bench" / "results" / "extract.json"
+RESULTS_PATH = RESULTS_DIR / "extract.json"
 
 
 def generate_corpus(folder: Path, docs: int, pages: int, words_per_page: int) -> list[Path]:
@@ -115,18 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped (not readable by both): {len(skipped)}")
     print(markdown_table(results, ratio))
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
+    save(args.output, {
         "corpus": corpus,
         "bytes": sum(len(data) for data in files.values()),
         "skipped": skipped,
         "repeat": args.repeat,
         "results": results,
         "pdfium_over_pypdf_pages_per_s": round(ratio, 2) if ratio else None,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }, indent=2) + "\n")
-    print(f"\nwritten to {args.output}")
+    })
     return 0
 
 

@@ -238,31 +238,30 @@ class S3Storage(ObjectStorage):
         buffer = bytearray()
         upload_id = None
         parts: list[dict] = []
+        async def upload_part(part: bytes) -> None:
+            nonlocal upload_id
+            if upload_id is None:
+                created = await client.create_multipart_upload(Bucket=self.bucket, Key=name, ContentType=content_type)
+                upload_id = created["UploadId"]
+            number = len(parts) + 1
+            uploaded = await client.upload_part(
+                Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number, Body=part
+            )
+            parts.append({"PartNumber": number, "ETag": uploaded["ETag"]})
+
         try:
             async for piece in _iterate(body):
                 digest.update(piece)
                 size += len(piece)
                 buffer += piece
                 while len(buffer) >= S3_PART_BYTES:
-                    if upload_id is None:
-                        created = await client.create_multipart_upload(
-                            Bucket=self.bucket, Key=name, ContentType=content_type
-                        )
-                        upload_id = created["UploadId"]
-                    part = bytes(buffer[:S3_PART_BYTES])
+                    await upload_part(bytes(buffer[:S3_PART_BYTES]))
                     del buffer[:S3_PART_BYTES]
-                    uploaded = await client.upload_part(
-                        Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=len(parts) + 1, Body=part
-                    )
-                    parts.append({"PartNumber": len(parts) + 1, "ETag": uploaded["ETag"]})
             if upload_id is None:
                 await client.put_object(Bucket=self.bucket, Key=name, Body=bytes(buffer), ContentType=content_type)
             else:
                 if buffer:
-                    uploaded = await client.upload_part(
-                        Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=len(parts) + 1, Body=bytes(buffer)
-                    )
-                    parts.append({"PartNumber": len(parts) + 1, "ETag": uploaded["ETag"]})
+                    await upload_part(bytes(buffer))
                 await client.complete_multipart_upload(
                     Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}
                 )

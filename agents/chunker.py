@@ -131,7 +131,6 @@ async def _download(app, uploaded: DocumentUploaded, deliveries: list) -> bytes 
     try:
         data = await retrying(_read_original, app, uploaded)
     except (ObjectNotFound, ValueError) as exc:
-        metrics.docproc_processing_errors_total.labels("download").inc()
         deliveries += await give_up(
             app, document_id=uploaded.document_id, company_id=uploaded.company_id,
             topic=app.raw_topic.get_topic_name(), stage="download",
@@ -143,9 +142,10 @@ async def _download(app, uploaded: DocumentUploaded, deliveries: list) -> bytes 
 
 
 async def _read_original(app, uploaded: DocumentUploaded) -> bytes:
+    """The original's bytes; every failed attempt counts as a download error."""
     try:
         return await app.storage.get(app.storage.key_of(uploaded.s3_path))
-    except StorageError:
+    except (StorageError, ValueError):
         metrics.docproc_processing_errors_total.labels("download").inc()
         raise
 

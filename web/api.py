@@ -69,13 +69,14 @@ INDEX_PAGE = Path(__file__).parent / "static" / "index.html"
 def register(app) -> None:
     settings = app.settings
     table = app.status_table
+    index_page = INDEX_PAGE.read_text()
 
     @app.page("/")
     class Index(View):
         """A page to upload documents and watch a company's documents progress."""
 
         async def get(self, request: Request) -> Response:
-            return self.html(INDEX_PAGE.read_text())
+            return self.html(index_page)
 
     @app.page("/api/v1/upload")
     class Upload(View):

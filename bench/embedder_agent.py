@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -25,6 +24,7 @@ from pipeline.broker import LocalBroker
 from pipeline.chunking import chunk_id
 from pipeline.records import Chunk, now_ms
 from pipeline.settings import Settings
+from pipeline.stack import worker_command
 from pipeline.topics import CHUNKS_PROCESSED, EMBEDDINGS_READY
 from tests.conftest import free_port
 
@@ -72,7 +72,7 @@ def measure_agent(backend_name: str, texts: list[str], batch_size: int) -> dict:
             DOCFLOW_EMBEDDING_BATCH_SIZE=str(batch_size), DOCFLOW_EMBEDDING_CACHE="false",
         )
         worker = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", "--role", "embedder", "--loglevel", "warning"],
+            worker_command("embedder", "warning"),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:

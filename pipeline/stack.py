@@ -28,6 +28,11 @@ def run_worker(settings: Settings, role: str, loglevel: str = "info") -> None:
     faust.Worker(app, loglevel=loglevel, override_logging=True, quiet=quiet).execute_from_commandline()
 
 
+def worker_command(role: str, loglevel: str = "info") -> list[str]:
+    """The command line of one role's worker process, as `docflow up` starts it."""
+    return [sys.executable, "-m", "pipeline.cli", "worker", "--role", role, "--loglevel", loglevel]
+
+
 @dataclass
 class RoleProcess:
     role: str
@@ -45,7 +50,7 @@ def start_roles(settings: Settings, roles=ROLES, loglevel: str = "info") -> list
     started = []
     for role in roles:
         env = dict(os.environ, DOCFLOW_WEB_PORT=str(ports[role]))
-        command = [sys.executable, "-m", "pipeline.cli", "worker", "--role", role, "--loglevel", loglevel]
+        command = worker_command(role, loglevel)
         # Own process group: the terminal's Ctrl-C reaches us, and we stop the workers in order.
         process = subprocess.Popen(command, env=env, start_new_session=True)
         started.append(RoleProcess(role, ports[role], process))

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +17,7 @@ from aiokafka import AIOKafkaConsumer
 
 from pipeline.client import DocflowClient
 from pipeline.settings import Settings
+from pipeline.stack import worker_command
 
 ROLE_INPUTS = {"web": "documents.status", "chunker": "documents.raw", "embedder": "chunks.processed"}
 
@@ -50,7 +50,7 @@ class WorkerStack:
         log_path = self.logs / f"{role}-{port}-{len(self.workers)}.log"
         env = dict(self.env, DOCFLOW_WEB_PORT=str(port))
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", "--role", role, "--loglevel", "info"],
+            worker_command(role),
             env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         worker = Worker(role, port, log_path, process)

@@ -18,6 +18,7 @@ from pipeline import stack
 from pipeline.app import ROLES
 from pipeline.broker import BrokerError, LocalBroker
 from pipeline.client import ApiError, DocflowClient
+from pipeline.hdfs import HdfsError, LocalHdfs
 from pipeline.settings import get_settings
 
 EXIT_FAILED = 1
@@ -234,6 +235,45 @@ def kafka_status() -> None:
         click.echo(f"kafka stopped ({broker.address})")
         sys.exit(EXIT_UNREACHABLE)
     click.echo(f"kafka running at {broker.address} (pid {pid})")
+
+
+@main.group()
+def hdfs() -> None:
+    """The local HDFS (namenode and datanode in one JVM, on 127.0.0.1, data under DOCFLOW_HOME)."""
+
+
+@hdfs.command("start")
+def hdfs_start() -> None:
+    """Start HDFS; returns once it takes writes."""
+    cluster = LocalHdfs(get_settings())
+    try:
+        started = cluster.start()
+    except HdfsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    state = "started" if started else "already running"
+    click.echo(f"hdfs {state} at {cluster.url}, web {cluster.http_url} (pid {cluster.pid()}, logs in {cluster.logs_dir})")
+
+
+@hdfs.command("stop")
+def hdfs_stop() -> None:
+    """Stop HDFS cleanly."""
+    cluster = LocalHdfs(get_settings())
+    click.echo("hdfs stopped" if cluster.stop() else "hdfs was not running")
+
+
+@hdfs.command("status")
+def hdfs_status() -> None:
+    """Say whether HDFS runs, and where."""
+    cluster = LocalHdfs(get_settings())
+    pid = cluster.pid()
+    if pid is None:
+        click.echo(f"hdfs stopped ({cluster.url})")
+        sys.exit(EXIT_UNREACHABLE)
+    if not cluster.takes_writes():
+        click.echo(f"hdfs process {pid} runs but does not take writes yet ({cluster.http_url})")
+        sys.exit(EXIT_UNREACHABLE)
+    click.echo(f"hdfs running at {cluster.url}, web {cluster.http_url} (pid {pid})")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     )
     produce_timeout_seconds: float = Field(10.0, gt=0, description="How long a produce may wait for the broker.")
 
+    # HDFS (the local single-node cluster the Spark jobs archive to)
+    hdfs_namenode_port: int = Field(8020, description="Namenode RPC port of the local HDFS (hdfs://127.0.0.1:PORT).")
+    hdfs_http_port: int = Field(9870, description="Namenode web port of the local HDFS (UI, WebHDFS, JMX).")
+    hdfs_heap: str = Field("512m", description="JVM heap of the local HDFS (namenode and datanode in one JVM).")
+    hdfs_libs: Path = Field(REPO_ROOT / "infra" / "hadoop" / "libs", description="Hadoop jars from Maven Central.")
+
     # Storage
     storage_url: str = Field("", description="file://PATH or s3://BUCKET[/PREFIX]; empty means HOME/objects.")
     s3_endpoint_url: str = Field("", description="S3-compatible endpoint (MinIO); empty means AWS.")
@@ -63,7 +69,7 @@ class Settings(BaseSettings):
     openai_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of one embedding request.")
     embedding_cache: bool = Field(True, description="Cache vectors by sha256 of (model, text) in RocksDB per embedder.")
 
-    @field_validator("home", "kafka_libs")
+    @field_validator("home", "kafka_libs", "hdfs_libs")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
         return path.expanduser().resolve()
@@ -79,6 +85,10 @@ class Settings(BaseSettings):
     @property
     def kafka_dir(self) -> Path:
         return self.home / "kafka"
+
+    @property
+    def hdfs_dir(self) -> Path:
+        return self.home / "hdfs"
 
 
 @lru_cache(maxsize=1)

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from pipeline.broker import LocalBroker
+from pipeline.hdfs import LocalHdfs
 from pipeline.settings import Settings
 
 
@@ -29,6 +30,22 @@ def kafka_settings(tmp_path_factory) -> Settings:
     yield settings
     broker.stop()
     assert not broker.is_running()
+
+
+@pytest.fixture(scope="session")
+def hdfs(tmp_path_factory) -> LocalHdfs:
+    """A local HDFS started for this test session, exactly as `docflow hdfs start` does."""
+    settings = Settings(
+        home=tmp_path_factory.mktemp("docflow-hdfs-home"),
+        hdfs_namenode_port=free_port(),
+        hdfs_http_port=free_port(),
+        hdfs_heap="256m",
+    )
+    cluster = LocalHdfs(settings)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+    assert not cluster.is_running()
 
 
 @pytest.fixture(scope="session")

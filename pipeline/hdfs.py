@@ -1,0 +1,194 @@
+"""The local HDFS: one namenode and one datanode in one JVM, on loopback, jars from Maven Central.
+
+It is Hadoop's own MiniDFSCluster, started through ``MiniHadoopClusterManager`` (from
+``hadoop-minicluster``, see ``infra/hadoop/pom.xml``): a real namenode and datanode that
+speak the HDFS RPC and WebHDFS protocols, so the Spark jobs write to it as they would to
+a production cluster. `docflow hdfs start|stop|status` and the tests' fixture both go
+through :class:`LocalHdfs`, as :class:`pipeline.broker.LocalBroker` does for Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline.broker import _alive
+from pipeline.settings import REPO_ROOT, Settings
+
+POM = REPO_ROOT / "infra" / "hadoop" / "pom.xml"
+LOG4J_CONFIG = REPO_ROOT / "infra" / "hadoop" / "log4j.properties"
+MAIN_CLASS = "org.apache.hadoop.mapreduce.MiniHadoopClusterManager"
+# The namenode's own view of itself: out of safe mode and with a live datanode, it takes writes.
+NAMESYSTEM_STATE = "/jmx?qry=Hadoop:service=NameNode,name=FSNamesystemState"
+
+
+class HdfsError(RuntimeError):
+    """The local HDFS could not be fetched, started or stopped."""
+
+
+def fetch_jars(libs: Path) -> None:
+    """Resolve the mini cluster's jars from Maven Central into ``libs`` (Maven caches them in ~/.m2)."""
+    if any(libs.glob("hadoop-minicluster-*.jar")):
+        return
+    command = [
+        "mvn", "-q", "-B", "-f", str(POM),
+        "dependency:copy-dependencies", f"-DoutputDirectory={libs}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise HdfsError(f"fetching Hadoop jars with Maven failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+
+class LocalHdfs:
+    """One namenode and one datanode whose state lives under ``settings.hdfs_dir``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dir = settings.hdfs_dir
+        self.data_dir = self.dir / "data"
+        self.logs_dir = self.dir / "logs"
+        self.tmp_dir = self.dir / "tmp"
+        self.pid_file = self.dir / "hdfs.pid"
+
+    @property
+    def url(self) -> str:
+        """The file system URI clients use: ``hdfs://127.0.0.1:PORT``."""
+        return f"hdfs://127.0.0.1:{self.settings.hdfs_namenode_port}"
+
+    @property
+    def http_url(self) -> str:
+        """The namenode's web server: its UI, WebHDFS (``/webhdfs/v1``) and JMX."""
+        return f"http://127.0.0.1:{self.settings.hdfs_http_port}"
+
+    # -- state -------------------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        """The cluster's pid when its process is alive, else None."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        if MAIN_CLASS.encode() not in cmdline or str(self.data_dir).encode() not in cmdline:
+            return None  # the pid was reused by another process
+        return pid
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def _formatted(self) -> bool:
+        # MiniDFSCluster keeps the namenode's metadata in name-<nameservice>-<n>/ under its base dir.
+        return any(self.data_dir.glob("name-*/current/VERSION"))
+
+    # -- start -------------------------------------------------------------------------
+
+    def start(self, timeout: float = 90.0) -> bool:
+        """Start the cluster and return once it takes writes; False when it was already running."""
+        if self.is_running():
+            return False
+        fetch_jars(self.settings.hdfs_libs)
+        for path in (self.data_dir, self.logs_dir, self.tmp_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        stdout = open(self.logs_dir / "stdout.log", "ab")
+        process = subprocess.Popen(
+            self._command(format_storage=not self._formatted()),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the caller's terminal must not kill HDFS half-way
+        )
+        stdout.close()
+        self.pid_file.write_text(str(process.pid))
+        try:
+            self._wait_until_serving(process, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return True
+
+    def _command(self, format_storage: bool) -> list[str]:
+        s = self.settings
+        # Every server socket on loopback: the datanode's defaults are 0.0.0.0.
+        conf = {
+            "hdfs.minidfs.basedir": self.data_dir,
+            "hadoop.tmp.dir": self.tmp_dir,
+            "dfs.namenode.rpc-bind-host": "127.0.0.1",
+            "dfs.namenode.http-bind-host": "127.0.0.1",
+            "dfs.datanode.address": "127.0.0.1:0",
+            "dfs.datanode.http.address": "127.0.0.1:0",
+            "dfs.datanode.ipc.address": "127.0.0.1:0",
+            # One datanode: files written with the client default of 3 replicas would stay under-replicated.
+            "dfs.replication": "1",
+            "dfs.permissions.enabled": "false",  # a local single-user cluster, like the local broker
+        }
+        return [
+            "java",
+            f"-Xmx{s.hdfs_heap}",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration={LOG4J_CONFIG.as_uri()}",
+            f"-Dhadoop.log.dir={self.logs_dir}",
+            f"-Dtest.build.data={self.tmp_dir}",
+            "-cp", f"{s.hdfs_libs}/*",
+            MAIN_CLASS,
+            "-nomr",
+            *(["-format"] if format_storage else []),
+            "-nnport", str(s.hdfs_namenode_port),
+            "-nnhttpport", str(s.hdfs_http_port),
+            *[arg for key, value in conf.items() for arg in ("-D", f"{key}={value}")],
+        ]
+
+    def _wait_until_serving(self, process: subprocess.Popen, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise HdfsError(f"HDFS exited with {process.returncode}:\n{self.log_tail()}")
+            if self.takes_writes():
+                return
+            time.sleep(0.5)
+        raise HdfsError(f"HDFS did not take writes within {timeout:.0f}s:\n{self.log_tail()}")
+
+    def takes_writes(self) -> bool:
+        """True when the namenode answers, is out of safe mode and has a live datanode."""
+        try:
+            with urllib.request.urlopen(self.http_url + NAMESYSTEM_STATE, timeout=2) as response:
+                beans = json.load(response).get("beans", [])
+        except (urllib.error.URLError, OSError, ValueError):
+            return False  # "connection refused" is expected while the JVM boots
+        return bool(beans) and beans[0].get("FSState") == "Operational" and beans[0].get("NumLiveDataNodes", 0) >= 1
+
+    def log_tail(self, lines: int = 40) -> str:
+        tails = []
+        for name in ("hdfs.log", "stdout.log"):
+            path = self.logs_dir / name
+            if path.exists():
+                tails.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(tails)
+
+    # -- stop --------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the cluster cleanly (SIGTERM runs its shutdown hook), then SIGKILL; False when it was not running."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)  # a shutdown hook that hangs must not leave a JVM behind
+            while _alive(pid):
+                time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+        return True

@@ -24,7 +24,9 @@ from pipeline.settings import REPO_ROOT, Settings
 POM = REPO_ROOT / "infra" / "hadoop" / "pom.xml"
 LOG4J_CONFIG = REPO_ROOT / "infra" / "hadoop" / "log4j.properties"
 MAIN_CLASS = "org.apache.hadoop.mapreduce.MiniHadoopClusterManager"
-# The namenode's own view of itself: out of safe mode and with a live datanode, it takes writes.
+# The namenode's own view of itself (JMX over HTTP): where it keeps its metadata, and whether
+# it is out of safe mode with a live datanode, i.e. takes writes.
+NAMENODE_INFO = "/jmx?qry=Hadoop:service=NameNode,name=NameNodeInfo"
 NAMESYSTEM_STATE = "/jmx?qry=Hadoop:service=NameNode,name=FSNamesystemState"
 
 
@@ -158,13 +160,25 @@ class LocalHdfs:
         raise HdfsError(f"HDFS did not take writes within {timeout:.0f}s:\n{self.log_tail()}")
 
     def takes_writes(self) -> bool:
-        """True when the namenode answers, is out of safe mode and has a live datanode."""
+        """True when this cluster's namenode answers, is out of safe mode and has a live datanode."""
+        info = self._namenode_bean(NAMENODE_INFO)
         try:
-            with urllib.request.urlopen(self.http_url + NAMESYSTEM_STATE, timeout=2) as response:
+            name_dirs = json.loads(info.get("NameDirStatuses", "{}")).get("active", {})
+        except ValueError:
+            return False
+        # Another process on the port (a cluster of another DOCFLOW_HOME) must not pass for this one.
+        if not any(Path(name_dir).parent == self.data_dir for name_dir in name_dirs):
+            return False
+        state = self._namenode_bean(NAMESYSTEM_STATE)
+        return state.get("FSState") == "Operational" and state.get("NumLiveDataNodes", 0) >= 1
+
+    def _namenode_bean(self, query: str) -> dict:
+        try:
+            with urllib.request.urlopen(self.http_url + query, timeout=2) as response:
                 beans = json.load(response).get("beans", [])
         except (urllib.error.URLError, OSError, ValueError):
-            return False  # "connection refused" is expected while the JVM boots
-        return bool(beans) and beans[0].get("FSState") == "Operational" and beans[0].get("NumLiveDataNodes", 0) >= 1
+            return {}  # "connection refused" is expected while the JVM boots
+        return beans[0] if beans else {}
 
     def log_tail(self, lines: int = 40) -> str:
         tails = []

@@ -12,7 +12,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from pipeline.hdfs import LocalHdfs
+import pytest
+
+from pipeline.hdfs import HdfsError, LocalHdfs
 from pipeline.settings import Settings
 from tests.conftest import free_port
 
@@ -139,3 +141,12 @@ def test_cli_start_status_stop_leaves_no_jvm_and_keeps_files_across_restarts(tmp
         assert docflow("stop").returncode == 0
     assert java_processes_under(tmp_path) == []
     print(f"docflow hdfs start took {start_seconds:.1f}s, stop {stop_seconds:.1f}s")
+
+
+def test_start_fails_when_another_cluster_holds_the_ports(hdfs, tmp_path):
+    """A second home on the same ports must not take the running cluster for its own."""
+    other = LocalHdfs(hdfs.settings.model_copy(update={"home": tmp_path}))
+    with pytest.raises(HdfsError):
+        other.start(timeout=60)
+    assert not other.is_running()
+    assert hdfs.takes_writes() and not other.takes_writes()

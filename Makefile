@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIBS := infra/kafka/libs
+HADOOP_LIBS := infra/hadoop/libs
+SPARK_JOBS := jobs/spark
 
 .PHONY: setup run test bench clean
 
@@ -19,16 +21,44 @@ $(KAFKA_LIBS)/.fetched: infra/kafka/pom.xml
 	mvn -q -B -f infra/kafka/pom.xml dependency:copy-dependencies
 	touch $@
 
+# The local HDFS (`docflow hdfs start`, the tests' fixture): Hadoop's jars from Maven Central.
+.PHONY: hdfs-libs
+hdfs-libs: $(HADOOP_LIBS)/.fetched
+
+$(HADOOP_LIBS)/.fetched: infra/hadoop/pom.xml
+	rm -rf $(HADOOP_LIBS)
+	mvn -q -B -f infra/hadoop/pom.xml dependency:copy-dependencies
+	touch $@
+
+# The analytics jobs (jobs/*), each in a virtualenv of its own, never .venv: apache-flink's
+# pins break PySpark's Arrow features in a shared one. `make test` builds them, `make run`
+# needs none. Each job adds its prerequisites to `jobs` on a line of its own.
+.PHONY: jobs
+jobs: $(SPARK_JOBS)/.venv/.installed $(SPARK_JOBS)/lib/.fetched
+
+$(SPARK_JOBS)/.venv/.installed: $(SPARK_JOBS)/requirements.txt
+	test -x $(SPARK_JOBS)/.venv/bin/python || $(PYTHON) -m venv $(SPARK_JOBS)/.venv
+	$(SPARK_JOBS)/.venv/bin/python -m pip install -q --upgrade pip
+	$(SPARK_JOBS)/.venv/bin/python -m pip install -q -r $(SPARK_JOBS)/requirements.txt
+	touch $@
+
+# spark-sql-kafka and the three jars it needs beside pyspark's own, passed in spark.jars.
+$(SPARK_JOBS)/lib/.fetched: $(SPARK_JOBS)/pom.xml
+	rm -rf $(SPARK_JOBS)/lib
+	mvn -q -B -f $(SPARK_JOBS)/pom.xml dependency:copy-dependencies
+	touch $@
+
 run: setup
 	$(BIN)/docflow up --sample
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
-test: setup
+test: setup jobs hdfs-libs
 	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
 	-$(BIN)/docflow kafka stop
-	rm -rf .docflow $(KAFKA_LIBS)
+	-$(BIN)/docflow hdfs stop
+	rm -rf .docflow $(KAFKA_LIBS) $(HADOOP_LIBS) $(SPARK_JOBS)/lib $(SPARK_JOBS)/.venv
 
 # Benchmarks print figures (and write bench/results/); they are not tests.
 bench: setup

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Kafka broker and a real S3-compatible server, each started once per session."""
+"""Shared fixtures: a real Kafka broker, a real HDFS and a real S3-compatible server, each started once per session."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 KAFKA_LIBS := infra/kafka/libs
 HADOOP_LIBS := infra/hadoop/libs
 SPARK_JOBS := jobs/spark
+FLINK_JOBS := jobs/flink
 
 .PHONY: setup run test bench clean
 
@@ -48,6 +49,21 @@ $(SPARK_JOBS)/lib/.fetched: $(SPARK_JOBS)/pom.xml
 	mvn -q -B -f $(SPARK_JOBS)/pom.xml dependency:copy-dependencies
 	touch $@
 
+# The PyFlink job: apache-flink in its own virtualenv, and the Kafka SQL connector jar
+# (Maven Central) that the job adds through pipeline.jars.
+jobs: $(FLINK_JOBS)/.venv/.installed $(FLINK_JOBS)/lib/.fetched
+
+$(FLINK_JOBS)/.venv/.installed: $(FLINK_JOBS)/requirements.txt
+	test -x $(FLINK_JOBS)/.venv/bin/python || $(PYTHON) -m venv $(FLINK_JOBS)/.venv
+	$(FLINK_JOBS)/.venv/bin/python -m pip install -q --upgrade pip
+	$(FLINK_JOBS)/.venv/bin/python -m pip install -q -r $(FLINK_JOBS)/requirements.txt
+	touch $@
+
+$(FLINK_JOBS)/lib/.fetched: $(FLINK_JOBS)/pom.xml
+	rm -rf $(FLINK_JOBS)/lib
+	mvn -q -B -f $(FLINK_JOBS)/pom.xml dependency:copy-dependencies
+	touch $@
+
 run: setup
 	$(BIN)/docflow up --sample
 
@@ -58,7 +74,7 @@ test: setup jobs hdfs-libs
 clean:
 	-$(BIN)/docflow kafka stop
 	-$(BIN)/docflow hdfs stop
-	rm -rf .docflow $(KAFKA_LIBS) $(HADOOP_LIBS) $(SPARK_JOBS)/lib $(SPARK_JOBS)/.venv
+	rm -rf .docflow $(KAFKA_LIBS) $(HADOOP_LIBS) $(SPARK_JOBS)/lib $(SPARK_JOBS)/.venv $(FLINK_JOBS)/lib $(FLINK_JOBS)/.venv
 
 # Benchmarks print figures (and write bench/results/); they are not tests.
 bench: setup

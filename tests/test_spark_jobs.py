@@ -65,15 +65,27 @@ async def end_offsets(bootstrap_servers: str, topics: list[str]) -> dict[str, di
 
 
 class Producer(threading.Thread):
-    """Produces (topic, key, value) messages from a thread, ``pace`` seconds apart, recording where each landed."""
+    """Produces (topic, key, value) messages from a thread, ``pace`` seconds apart, recording where each landed.
 
-    def __init__(self, bootstrap_servers: str, messages: list[tuple[str, str, dict]], pace: float = 0.0):
+    With ``hold_after``, it stops after that many messages until :meth:`release` is called, so a
+    test can be sure that something happens (a kill) before the last message is produced.
+    """
+
+    def __init__(
+        self, bootstrap_servers: str, messages: list[tuple[str, str, dict]], pace: float = 0.0,
+        hold_after: int | None = None,
+    ):
         super().__init__(daemon=True)
         self.bootstrap_servers = bootstrap_servers
         self.messages = messages
         self.pace = pace
+        self.hold_after = hold_after
+        self.released = threading.Event()
         self.landed: list[tuple[str, int, int]] = []  # (topic, partition, offset) per message sent
         self.error: BaseException | None = None
+
+    def release(self) -> None:
+        self.released.set()
 
     def run(self) -> None:
         try:
@@ -86,6 +98,8 @@ class Producer(threading.Thread):
         await producer.start()
         try:
             for topic, key, value in self.messages:
+                if len(self.landed) == self.hold_after:
+                    await asyncio.to_thread(self.released.wait, 300)
                 sent = await producer.send_and_wait(topic, json.dumps(value).encode(), key=key.encode())
                 self.landed.append((topic, sent.partition, sent.offset))
                 if self.pace:
@@ -252,8 +266,9 @@ def test_archive_killed_mid_stream_and_restarted_has_every_message_exactly_once(
     now_ms = int(time.time() * 1000)
     documents = [f"archive-{run}-{n}" for n in range(40)]
     messages = [event for n, doc in enumerate(documents) for event in document_events(doc, f"co-{n % 3}", 5, now_ms)]
-    # 520 messages over about 35 s: production goes on through the kill and the restart.
-    producer = Producer(bootstrap, messages, pace=0.05)
+    # 520 messages, 20 a second, the last fifth held back until the kill: production goes on
+    # through the kill and the restart however slowly the job gets to its first batch.
+    producer = Producer(bootstrap, messages, pace=0.05, hold_after=len(messages) * 4 // 5)
 
     first = Job(spark_python, "archive.py", args, tmp_path / "archive-1.log")
     try:
@@ -263,8 +278,9 @@ def test_archive_killed_mid_stream_and_restarted_has_every_message_exactly_once(
         first.kill()
     finally:
         first.cleanup()
+        producer.release()
     sent_at_kill = len(producer.landed)
-    assert producer.is_alive(), "the producer finished before the kill: the kill was not mid-stream"
+    assert producer.is_alive() and sent_at_kill < len(messages), "the kill was not mid-stream"
 
     mine = f"document_id LIKE 'archive-{run}-%'"
     at_kill = read_through_spark(spark_python, output, "topic,partition,offset", mine)

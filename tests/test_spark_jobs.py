@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,13 @@ DAY_MS = 86_400_000
 
 
 @pytest.fixture(scope="module")
-def spark_python() -> Path:
+def spark_python(tmp_path_factory) -> Iterator[Path]:
+    """The Spark jobs' interpreter; every Spark process of this module keeps its scratch files under a tmp dir."""
     assert SPARK_PYTHON.exists(), f"{SPARK_PYTHON} is missing: `make jobs` builds the Spark jobs' virtualenv"
-    return SPARK_PYTHON
+    with pytest.MonkeyPatch.context() as patch:
+        # A job killed with SIGKILL cannot delete its block manager and jar copies: not in /tmp then.
+        patch.setenv("SPARK_LOCAL_DIRS", str(tmp_path_factory.mktemp("spark-local")))
+        yield SPARK_PYTHON
 
 
 # -- Kafka helpers --------------------------------------------------------------------------------

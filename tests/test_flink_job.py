@@ -146,9 +146,12 @@ class AnalyticsReader:
 class FlinkJob:
     """The job as a subprocess in a session of its own, so its gateway JVM dies with it."""
 
-    def __init__(self, bootstrap: str, starting_offsets: str, workdir: Path) -> None:
-        self.stdout_path = workdir / "job.out"
-        self.log_dir = workdir / "flink-logs"
+    def __init__(
+        self, bootstrap: str, starting_offsets: str, workdir: Path, *, checkpoint_dir: Path | None = None,
+        checkpoint_interval_seconds: float = 10, restore: str = "none", name: str = "job",
+    ) -> None:
+        self.stdout_path = workdir / f"{name}.out"
+        self.log_dir = workdir / f"{name}-logs"
         command = [
             str(FLINK_PYTHON), str(JOB),
             "--bootstrap-servers", bootstrap,
@@ -158,9 +161,9 @@ class FlinkJob:
             "--idle-timeout-seconds", str(IDLE_TIMEOUT_SECONDS),
             "--parallelism", "1",
             "--jvm-heap", "512m",
-            "--checkpoint-dir", str(workdir / "checkpoints"),
-            "--checkpoint-interval-seconds", "10",
-            "--restore", "none",
+            "--checkpoint-dir", str(checkpoint_dir or workdir / "checkpoints"),
+            "--checkpoint-interval-seconds", str(checkpoint_interval_seconds),
+            "--restore", restore,
             "--log-dir", str(self.log_dir),
         ]
         self.started = time.monotonic()
@@ -185,6 +188,11 @@ class FlinkJob:
             pytest.fail(f"the Flink job exited with {self.process.returncode}\n{self.diagnostics()}")
         if self.running_after is None and re.search(r"RUNNING after", self.output()):
             self.running_after = time.monotonic() - self.started
+
+    def crash(self) -> None:
+        """SIGKILL to the job and its JVM at once: no cancel, no flush, as a lost machine."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.stop()
 
     def stop(self) -> None:
         """SIGTERM (the job cancels itself), then SIGKILL to the whole group: no JVM may outlive the test."""
@@ -358,3 +366,61 @@ def test_docflow_analytics_exits_3_when_the_broker_is_unreachable():
     result = _docflow(f"127.0.0.1:{free_port()}", "--company", "acme", "--timeout", "5")
     assert result.returncode == 3
     assert "unreachable" in result.stderr
+
+
+def _completed_checkpoints(checkpoint_dir: Path) -> dict[Path, float]:
+    return {meta.parent: meta.stat().st_mtime for meta in checkpoint_dir.glob("*/chk-*/_metadata")}
+
+
+def test_job_killed_and_restarted_resumes_open_windows_from_its_latest_checkpoint(kafka_settings, tmp_path):
+    """A crash after a checkpoint loses nothing: the restart restores the open window and the offsets.
+
+    The restart is given --starting-offsets latest, which a start without the checkpoint
+    would obey and so miss every event produced while the job was down.
+    """
+    bootstrap = kafka_settings.bootstrap_servers
+    company = f"flink-restart-{uuid.uuid4().hex[:8]}"
+    doc = f"{company}-doc"
+    base = time.time_ns() // 1_000_000 // MINUTE * MINUTE - 10 * MINUTE
+    first_message_ms = time.time_ns() // 1_000_000 - 1
+    before_crash = [_event(company, doc, f"{doc}:w0:{i}", base + 10_000 + i * 1_000) for i in range(4)]
+    # In window 1, and far enough past window 0's end to close it (the partition with the
+    # data drives the watermark alone: every other partition is empty, hence idle).
+    before_crash += [_event(company, doc, f"{doc}:w1:{i}", base + MINUTE + 10_000 + i * 1_000) for i in range(3)]
+    while_down = [_event(company, doc, f"{doc}:w1:{i}", base + MINUTE + 20_000 + i * 1_000) for i in range(3, 8)]
+    while_down.append(_event(f"{company}-closer", doc, f"{doc}:closer", base + 3 * MINUTE))
+    checkpoints = tmp_path / "checkpoints"
+    reader = AnalyticsReader(bootstrap, {company})
+
+    async def run() -> str:
+        try:
+            await reader.start()
+            await produce(bootstrap, [(doc, json.dumps(e).encode()) for e in before_crash])
+            job = FlinkJob(bootstrap, f"timestamp:{first_message_ms}", tmp_path, checkpoint_dir=checkpoints,
+                           checkpoint_interval_seconds=2, restore="latest", name="first")
+            try:
+                await _wait_for(reader, job, lambda: (company, base) in reader.latest(), OUTPUT_TIMEOUT)
+                window0_seen = time.time()
+                # A checkpoint taken after window 0 went out holds window 1's 3 events and the offsets past them.
+                deadline = time.monotonic() + 60
+                while not any(mtime > window0_seen + 0.5 for mtime in _completed_checkpoints(checkpoints).values()):
+                    assert time.monotonic() < deadline, f"no checkpoint completed in 60s\n{job.diagnostics()}"
+                    job.check_alive()
+                    await asyncio.sleep(0.5)
+            finally:
+                job.crash()
+            await produce(bootstrap, [(doc, json.dumps(e).encode()) for e in while_down])
+            restarted = FlinkJob(bootstrap, "latest", tmp_path, checkpoint_dir=checkpoints,
+                                 checkpoint_interval_seconds=2, restore="latest", name="restarted")
+            try:
+                await _wait_for(reader, restarted, lambda: (company, base + MINUTE) in reader.latest(), OUTPUT_TIMEOUT)
+                restarted.check_alive()
+            finally:
+                restarted.stop()
+            return restarted.output()
+        finally:
+            await reader.stop()
+
+    restarted_output = asyncio.run(run())
+    assert f"from checkpoint {checkpoints}" in restarted_output
+    assert reader.latest() == {(company, base): 4, (company, base + MINUTE): 3 + 5}

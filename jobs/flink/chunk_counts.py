@@ -261,7 +261,7 @@ def configure(config, args: argparse.Namespace, jars: list[Path], restore_from: 
         config.set("execution.checkpointing.dir", args.checkpoint_dir.resolve().as_uri())
         # Kept when the job is cancelled (Ctrl-C, SIGTERM) so the next start resumes from it.
         config.set("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
-        config.set("state.checkpoints.num-retained", "3")
+        config.set("execution.checkpointing.num-retained", "3")
     if restore_from is not None:
         config.set("execution.state-recovery.path", restore_from.as_uri())
 

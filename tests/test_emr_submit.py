@@ -220,8 +220,10 @@ def test_stage_and_cluster_record_what_the_jobs_need(emr_env):
         "AdditionalMasterSecurityGroups": ["sg-0aaaaaaaaaaaaaaaa", "sg-0bbbbbbbbbbbbbbbb"],
         "AdditionalSlaveSecurityGroups": ["sg-0aaaaaaaaaaaaaaaa", "sg-0bbbbbbbbbbbbbbbb"],
     }
-    (yarn_site,) = [c for c in record["Configurations"] if c["Classification"] == "yarn-site"]
-    assert yarn_site["Properties"]["yarn.resourcemanager.am.max-attempts"] == "4"
+    configurations = {c["Classification"]: c["Properties"] for c in record["Configurations"]}
+    assert configurations["yarn-site"]["yarn.resourcemanager.am.max-attempts"] == "4"
+    # Three drivers are application masters at once: Hadoop's default share (0.1) admits two.
+    assert float(configurations["capacity-scheduler"]["yarn.scheduler.capacity.maximum-am-resource-percent"]) >= 0.5
 
     (bootstrap,) = record["BootstrapActions"]
     # The script the cluster runs is the staged copy of the repository's.
@@ -240,6 +242,9 @@ def test_stage_and_cluster_record_what_the_jobs_need(emr_env):
     assert value_after(flink_args, "-pyclientexec") == value_after(flink_args, "-pyexec") == (
         f"{NODE_ROOT}/venvs/flink/bin/python")
     assert "-Dexecution.checkpointing.dir=hdfs:///user/hadoop/docflow/checkpoints/chunk-counts" in flink_args
+    # hdfs:/// needs the Hadoop configuration inside the containers (it failed without, on YARN).
+    for process in ("master", "taskmanager"):
+        assert f"-Dcontainerized.{process}.env.HADOOP_CONF_DIR=/etc/hadoop/conf" in flink_args
     assert value_after(flink_args, "--bootstrap-servers") == KAFKA
     assert value_after(flink_args, "--jars-dir") == f"{NODE_ROOT}/jobs/flink/lib"
     # The job's own checkpointing is off so that the -D settings above (HDFS) apply.
@@ -258,7 +263,7 @@ def test_stage_and_cluster_record_what_the_jobs_need(emr_env):
                   for jar in value_after(archive_args, "--jars").split(",")) == spark_jars
     assert value_after(archive_args, f"{NODE_ROOT}/jobs/spark/archive.py") == "--bootstrap-servers"
     assert value_after(archive_args, "--bootstrap-servers") == KAFKA
-    assert value_after(archive_args, "--output") == "hdfs:///user/hadoop/docflow/archive"
+    assert value_after(archive_args, "--output") == "/user/hadoop/docflow/archive"
 
     report_args = report["Args"]
     assert "spark.yarn.submit.waitAppCompletion=false" not in report_args  # the step's state is the report's
@@ -375,7 +380,7 @@ def test_each_job_accepts_the_arguments_of_its_step(emr_env):
             assert parsed["checkpoint_interval_seconds"] == 0
         elif script == "archive.py":
             assert parsed["jars_dir"] == "" and parsed["ui_port"] == 0
-            assert parsed["checkpoint"] == "hdfs:///user/hadoop/docflow/checkpoints/archive"
+            assert parsed["checkpoint"] == "/user/hadoop/docflow/checkpoints/archive"
         else:
             assert parsed["date"] == "2024-03-15"
 

@@ -86,11 +86,17 @@ class EmrSettings:
     kafka_bootstrap_servers: str = ""
     node_python: str = "python3.11"
     node_root: str = "/opt/docflow"
+    hadoop_conf_dir: str = "/etc/hadoop/conf"  # where EMR writes it on every node
     flink_parallelism: int = 2
+    # Flink's default scheme is file://, so its HDFS path says hdfs:// (the authority comes
+    # from the cluster's fs.defaultFS).
     flink_checkpoints: str = "hdfs:///user/hadoop/docflow/checkpoints/chunk-counts"
-    archive_path: str = "hdfs:///user/hadoop/docflow/archive"
-    archive_checkpoint: str = "hdfs:///user/hadoop/docflow/checkpoints/archive"
-    report_path: str = "hdfs:///user/hadoop/docflow/reports/daily"
+    # Spark's paths have no scheme: they are on the cluster's default filesystem, HDFS on EMR.
+    # hdfs:/// would not do: Spark's streaming checkpoint (Hadoop's FileContext) refuses a
+    # URI without an authority, and the namenode's address is not known before the cluster is.
+    archive_path: str = "/user/hadoop/docflow/archive"
+    archive_checkpoint: str = "/user/hadoop/docflow/checkpoints/archive"
+    report_path: str = "/user/hadoop/docflow/reports/daily"
     report_s3_uri: str = ""
     cluster_id: str = ""
     schedule_name: str = "docflow-daily-report"
@@ -279,6 +285,16 @@ def cluster_configurations() -> list[dict]:
     them; their settings are in the steps instead."""
     return [
         {
+            "Classification": "capacity-scheduler",
+            "Properties": {
+                # Every job's driver is a YARN application master: the Flink JobManager (1.6 GB)
+                # and the archive's and the report's Spark drivers (1.4 GB each) run at once.
+                # At Hadoop's default share (0.1) the third waits in ACCEPTED until another ends,
+                # which a streaming job never does (seen on a YARN mini cluster).
+                "yarn.scheduler.capacity.maximum-am-resource-percent": "0.5",
+            },
+        },
+        {
             "Classification": "yarn-site",
             "Properties": {
                 # Lets YARN restart the Flink JobManager and the archive's driver this often.
@@ -350,6 +366,11 @@ def flink_step(settings: EmrSettings, layout: NodeLayout) -> dict:
         "-Dexecution.checkpointing.interval=30s",
         f"-Dexecution.checkpointing.dir={settings.flink_checkpoints}",
         "-Dexecution.checkpointing.externalized-checkpoint-retention=RETAIN_ON_CANCELLATION",
+        # hdfs:/// takes its namenode from fs.defaultFS: the JobManager and TaskManager
+        # containers are told where the cluster's Hadoop configuration is rather than
+        # relying on YARN passing HADOOP_CONF_DIR on to them.
+        f"-Dcontainerized.master.env.HADOOP_CONF_DIR={settings.hadoop_conf_dir}",
+        f"-Dcontainerized.taskmanager.env.HADOOP_CONF_DIR={settings.hadoop_conf_dir}",
         "-pyclientexec", python,
         "-pyexec", python,
         "-py", layout.job_file("flink", "chunk_counts.py"),

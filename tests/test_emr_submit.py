@@ -444,5 +444,12 @@ def test_missing_settings_are_named(emr_env):
     assert result.returncode == 2
     assert "DOCFLOW_EMR_KAFKA_BOOTSTRAP_SERVERS" in result.stderr
     # Printed commands quote what the shell would split.
-    (command,) = submit(emr_env, "add-flink-step", "--cluster-id", "j-1", "--print-cli")
-    assert shlex.split(command)[:5] == ["aws", "emr", "add-steps", "--cluster-id", "j-1"]
+    savepoint = "hdfs:///user/hadoop/docflow/savepoints/savepoint-4a3b2c-1e2f3a4b5c6d"
+    (command,) = submit(emr_env, "add-flink-step", "--cluster-id", "j-1", "--from-savepoint", savepoint,
+                        "--print-cli")
+    words = shlex.split(command)
+    assert words[:5] == ["aws", "emr", "add-steps", "--cluster-id", "j-1"]
+    (step,) = json.loads(value_after(words, "--steps"))
+    # A Flink option: before -py, after which everything is the job's own arguments.
+    assert value_after(step["Args"], "-s") == savepoint
+    assert step["Args"].index("-s") < step["Args"].index("-py")

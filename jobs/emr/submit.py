@@ -351,10 +351,12 @@ def _step(name: str, args: list[str], action_on_failure: str = "CONTINUE") -> di
     }
 
 
-def flink_step(settings: EmrSettings, layout: NodeLayout) -> dict:
+def flink_step(settings: EmrSettings, layout: NodeLayout, savepoint: str | None = None) -> dict:
     """chunk_counts.py in Flink's YARN application mode: the JobManager runs the Python
-    program on the cluster, so the step ends once YARN has accepted the application."""
+    program on the cluster, so the step ends once YARN has accepted the application.
+    With a savepoint (or retained checkpoint) path, the job resumes its windows and offsets."""
     python = layout.python("flink")
+    restore = ["-s", savepoint] if savepoint else []
     return _step("docflow flink chunk_counts", [
         layout.launcher("docflow-flink"), "run", "-t", "yarn-application",
         f"-Dyarn.application.name={FLINK_APPLICATION_NAME}",
@@ -371,6 +373,7 @@ def flink_step(settings: EmrSettings, layout: NodeLayout) -> dict:
         # relying on YARN passing HADOOP_CONF_DIR on to them.
         f"-Dcontainerized.master.env.HADOOP_CONF_DIR={settings.hadoop_conf_dir}",
         f"-Dcontainerized.taskmanager.env.HADOOP_CONF_DIR={settings.hadoop_conf_dir}",
+        *restore,
         "-pyclientexec", python,
         "-pyexec", python,
         "-py", layout.job_file("flink", "chunk_counts.py"),
@@ -610,7 +613,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="upload the bootstrap action, launchers, job code, requirements and jars to S3")
     commands.add_parser("create-cluster", parents=[common],
                         help="create the cluster (Hadoop, Flink, Spark; the bootstrap action) and print its id")
-    commands.add_parser("add-flink-step", parents=[with_cluster], help="start jobs/flink/chunk_counts.py on YARN")
+    flink = commands.add_parser("add-flink-step", parents=[with_cluster],
+                                help="start jobs/flink/chunk_counts.py on YARN")
+    flink.add_argument("--from-savepoint", metavar="PATH",
+                       help="resume from this savepoint or retained checkpoint (Flink's -s)")
     commands.add_parser("add-archive-step", parents=[with_cluster], help="start jobs/spark/archive.py on YARN")
     daily = commands.add_parser("add-daily-report-step", parents=[with_cluster],
                                 help="run jobs/spark/daily_report.py once")
@@ -643,10 +649,12 @@ def run(args: argparse.Namespace, settings: EmrSettings) -> list[str]:
     elif args.command in ("add-flink-step", "add-archive-step", "add-daily-report-step"):
         if args.command == "add-daily-report-step":
             steps = daily_report_steps(settings, layout, args.date)
+        elif args.command == "add-flink-step":
+            settings.require("kafka_bootstrap_servers")
+            steps = [flink_step(settings, layout, args.from_savepoint)]
         else:
             settings.require("kafka_bootstrap_servers")
-            build = flink_step if args.command == "add-flink-step" else archive_step
-            steps = [build(settings, layout)]
+            steps = [archive_step(settings, layout)]
         if args.print_cli:
             return cli_add_steps(settings, cluster_id, steps)
         add_steps(settings, cluster_id, steps)

@@ -118,6 +118,10 @@ class LocalBroker:
             f"-Xmx{self.settings.kafka_heap}",
             f"-Xms{self.settings.kafka_heap}",
             "-XX:+UseG1GC",
+            # C1 only: C2's compiler threads spent about as much CPU as the broker's own work
+            # in bench/e2e.py (a local broker shares a laptop's cores with the workers), and a
+            # local broker never needs C2's peak throughput. Halved its CPU in that benchmark.
+            "-XX:TieredStopAtLevel=1",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
             f"-Dkafka.logs.dir={self.logs_dir}",

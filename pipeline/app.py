@@ -101,6 +101,11 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
         producer_acks=-1,
         # An upload waits for its event to be acknowledged: fail within seconds, not Faust's 20 minutes.
         producer_request_timeout=settings.produce_timeout_seconds,
+        # Chunks and embeddings go out by the hundred: batches of Kafka's default 16 KB held three
+        # embeddings each and a short linger was not waited for, so the broker saw a request per
+        # few messages. An upload's answer waits for its event, so the web role does not linger.
+        producer_linger=0.0 if role == "web" else settings.producer_linger_ms / 1000,
+        producer_max_batch_size=settings.producer_batch_bytes,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.consumer_session_timeout_seconds,
         table_standby_replicas=settings.table_standby_replicas,

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How soon a worker that died without leaving loses its partitions."
     )
     produce_timeout_seconds: float = Field(10.0, gt=0, description="How long a produce may wait for the broker.")
+    producer_linger_ms: int = Field(
+        5, ge=0, description="How long the chunker and embedder wait to fill a produce batch (web sends at once)."
+    )
+    producer_batch_bytes: int = Field(
+        256 * 1024, ge=1024, description="Largest produce batch per partition (an embedding is 4-8 KB of JSON)."
+    )
 
     # HDFS (the local single-node cluster the Spark jobs archive to)
     hdfs_namenode_port: int = Field(8020, description="Namenode RPC port of the local HDFS (hdfs://127.0.0.1:PORT).")

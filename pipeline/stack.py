@@ -19,13 +19,22 @@ from pipeline.settings import Settings
 
 def run_worker(settings: Settings, role: str, loglevel: str = "info") -> None:
     """Run one role's Faust worker in this process until it is told to stop."""
+    role_worker(settings, role, loglevel).execute_from_commandline()
+
+
+def role_worker(settings: Settings, role: str, loglevel: str = "info"):
+    """The Faust worker of one role's app, quiet (no banner, no spinner) below info."""
     import faust
 
     from pipeline.app import create_app
 
-    app = create_app(settings, role)
-    quiet = loglevel.lower() in ("warning", "warn", "error", "critical")  # no banner or spinner under `docflow up`
-    faust.Worker(app, loglevel=loglevel, override_logging=True, quiet=quiet).execute_from_commandline()
+    quiet = loglevel.lower() in ("warning", "warn", "error", "critical")  # as `docflow up` runs them
+    worker = faust.Worker(create_app(settings, role), loglevel=loglevel, override_logging=True, quiet=quiet)
+    if quiet:
+        # Faust's spinner sets the root logger to DEBUG to spin on every record, so each debug
+        # line of aiokafka and Faust (one per message sent) was formatted and then dropped.
+        worker.spinner = None
+    return worker
 
 
 def worker_command(role: str, loglevel: str = "info") -> list[str]:

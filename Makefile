@@ -76,9 +76,14 @@ clean:
 	-$(BIN)/docflow hdfs stop
 	rm -rf .docflow $(KAFKA_LIBS) $(HADOOP_LIBS) $(SPARK_JOBS)/lib $(SPARK_JOBS)/.venv $(FLINK_JOBS)/lib $(FLINK_JOBS)/.venv
 
-# Benchmarks print figures (and write bench/results/); they are not tests.
-bench: setup
+# Benchmarks print figures, write bench/results/ and then BENCHMARKS.md; they are not tests.
+bench: setup $(VENV)/.bench-installed
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/embed.py
-	$(BIN)/python bench/e2e.py --backend hashing --scaling
+	$(BIN)/python bench/e2e.py --backend hashing --scaling --profile bench/results/profile-hashing
 	$(BIN)/python bench/e2e.py --backend local
+	$(BIN)/python bench/report.py
+
+$(VENV)/.bench-installed: setup.cfg
+	$(BIN)/python -m pip install -q -e '.[local,test,bench]'
+	touch $@

@@ -1,18 +1,26 @@
 """End-to-end throughput and latency of the pipeline against an in-process baseline.
 
-    .venv/bin/python bench/e2e.py [CORPUS_DIR] [--docs 50] [--backend hashing] [--chunkers 1 --embedders 1]
+    .venv/bin/python bench/e2e.py [CORPUS_DIR] [--docs 50] [--backend hashing|local] [--scaling]
+    .venv/bin/python bench/e2e.py --profile bench/results/profile-hashing    # py-spy on every worker
+    .venv/bin/python bench/e2e.py --url http://127.0.0.1:6066                 # a stack already running
 
 Starts a local broker and worker processes (1 web, N chunker, M embedder), uploads the
-corpus (default: generated multi-page PDFs and text files), and measures documents/s,
-pages/s, chunks/s and the latency from upload to `completed` (from the status table's own
-timestamps). In the same run it extracts, splits and embeds the same corpus in this one
-process, and prints pipeline/baseline. Writes bench/results/e2e-<backend>.json and .md.
+corpus (default: generated 10-page documents, two PDFs in three, the rest text files)
+after a warm-up pass, and measures documents/s, pages/s, chunks/s and the latency from
+upload to `completed` (from the status table's own timestamps). In the same run it
+extracts, splits and embeds the same corpus in this one process, and prints
+pipeline/baseline. It also uploads one 10-page PDF at a time on the idle stack (the
+latency a single user sees) and reports the CPU seconds each process spent during the
+measured run: what the broker, each role and the benchmark's own client cost next to
+the work itself. `--scaling` repeats the run with 1 and 2 processes of the chunker and of
+the embedder. Writes bench/results/e2e-<backend>.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -20,19 +28,24 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
+from bench.cpu import CpuMeter  # noqa: E402
+from bench.profile import markdown as profile_markdown, profiled, summarise  # noqa: E402
 from bench.report import RESULTS_DIR, save  # noqa: E402
 from pipeline.broker import LocalBroker  # noqa: E402
 from pipeline.chunking import chunk_document  # noqa: E402
 from pipeline.client import DocflowClient  # noqa: E402
 from pipeline.embedding import create_backend  # noqa: E402
+from pipeline.extract import detect_content_type  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from tests import documents  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.stack import WorkerStack, worker_env  # noqa: E402
 
-CONTENT_TYPES = {".pdf": "application/pdf", ".txt": "text/plain", ".md": "text/markdown", ".html": "text/html"}
+CORPUS_SUFFIXES = (".pdf", ".txt", ".md", ".html")
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 
 def generated_corpus(folder: Path, docs: int, pages: int) -> list[Path]:
@@ -51,7 +64,7 @@ def generated_corpus(folder: Path, docs: int, pages: int) -> list[Path]:
 
 
 def corpus_files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir() if path.suffix.lower() in CONTENT_TYPES)
+    return sorted(path for path in folder.iterdir() if path.suffix.lower() in CORPUS_SUFFIXES)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,12 +74,16 @@ def percentile(values: list[float], q: float) -> float:
 
 async def baseline(paths: list[Path], backend_name: str, batch_size: int) -> dict:
     """The same extractor, splitter and embedder, one document after another, in this process."""
-    backend = create_backend(Settings(embedding_backend=backend_name, embedding_batch_size=batch_size))
+    settings = Settings(embedding_backend=backend_name, embedding_batch_size=batch_size)
+    backend = create_backend(settings)
+    await backend.load()
     await backend.embed(["warm-up"])
     pages = chunks = 0
     started = time.perf_counter()
     for path in paths:
-        chunked = chunk_document(path.read_bytes(), CONTENT_TYPES[path.suffix.lower()], 1000, 200)
+        data = path.read_bytes()
+        content_type = detect_content_type(path.name, None, data[:512])
+        chunked = chunk_document(data, content_type, settings.chunk_size, settings.chunk_overlap)
         texts = [piece.text for piece in chunked.chunks]
         for start in range(0, len(texts), batch_size):
             await backend.embed(texts[start:start + batch_size])
@@ -77,19 +94,22 @@ async def baseline(paths: list[Path], backend_name: str, batch_size: int) -> dic
     return {"seconds": elapsed, "docs": len(paths), "pages": pages, "chunks": chunks}
 
 
-async def run_pipeline(stack: WorkerStack, paths: list[Path], concurrency: int = 8) -> dict:
-    web = stack.of_role("web")[0].url
-    company = f"bench-{int(time.time())}"
+async def run_pipeline(web_url: str, paths: list[Path], concurrency: int = 8) -> dict:
+    """Upload every file (``concurrency`` at a time) and wait until all are completed."""
+    company = f"bench-{time.time_ns()}"
     limit = asyncio.Semaphore(concurrency)
 
-    async with DocflowClient(web, company, timeout=300) as client:
+    async with DocflowClient(web_url, company, timeout=300) as client:
         async def upload(path: Path) -> str:
             async with limit:
                 return (await client.upload(path))["document_id"]
 
         started_ms = time.time() * 1000
         document_ids = await asyncio.gather(*(upload(path) for path in paths))
-        statuses = await asyncio.gather(*(client.wait(doc, timeout=1800, interval=0.2) for doc in document_ids))
+        uploaded_ms = time.time() * 1000
+        # One list request per round for all documents: polling each one would load the web
+        # worker being measured with the benchmark's own requests.
+        statuses = list((await client.wait_all(document_ids, timeout=1800, interval=0.1)).values())
     failed = [status for status in statuses if status["state"] != "completed"]
     if failed:
         raise RuntimeError(f"{len(failed)} documents did not complete: {failed[0]}")
@@ -97,9 +117,22 @@ async def run_pipeline(stack: WorkerStack, paths: list[Path], concurrency: int =
     latencies = [(status["completed_ms"] - status["uploaded_ms"]) / 1000 for status in statuses]
     return {
         "seconds": (finished_ms - started_ms) / 1000,
+        # When each stage was done with the last document, from the start of the uploads.
+        "phases_s": {
+            "uploaded": (uploaded_ms - started_ms) / 1000,
+            "extracting": (max(status["extracting_ms"] for status in statuses) - started_ms) / 1000,
+            "chunked": (max(status["chunked_ms"] for status in statuses) - started_ms) / 1000,
+            "completed": (finished_ms - started_ms) / 1000,
+        },
         "docs": len(statuses),
         "pages": sum(status["pages"] for status in statuses),
         "chunks": sum(status["chunks_total"] for status in statuses),
+        **latency_figures(latencies),
+    }
+
+
+def latency_figures(latencies: list[float]) -> dict:
+    return {
         "latency_p50_s": percentile(latencies, 50),
         "latency_p95_s": percentile(latencies, 95),
         "latency_p99_s": percentile(latencies, 99),
@@ -107,29 +140,81 @@ async def run_pipeline(stack: WorkerStack, paths: list[Path], concurrency: int =
     }
 
 
+async def single_document_latency(web_url: str, path: Path, runs: int) -> dict:
+    """Upload one document at a time and wait for it: the latency of a single user on an idle stack."""
+    latencies = []
+    async with DocflowClient(web_url, f"latency-{time.time_ns()}", timeout=300) as client:
+        for _ in range(runs):
+            document_id = (await client.upload(path))["document_id"]
+            status = await client.wait(document_id, timeout=300, interval=0.05)
+            if status["state"] != "completed":
+                raise RuntimeError(f"{path.name} did not complete: {status}")
+            latencies.append((status["completed_ms"] - status["uploaded_ms"]) / 1000)
+    return {"document": path.name, "pages": status["pages"], "runs": runs, **latency_figures(latencies)}
+
+
 def rates(run: dict) -> dict:
     return {f"{unit}_per_s": run[unit] / run["seconds"] for unit in ("docs", "pages", "chunks")}
 
 
-def measure(paths: list[Path], backend: str, chunkers: int, embedders: int, batch_size: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="docflow-e2e-") as home:
-        settings = Settings(home=Path(home), kafka_port=free_port(), kafka_controller_port=free_port())
-        broker = LocalBroker(settings)
-        broker.start()
-        logs = Path(home) / "logs"
-        logs.mkdir()
-        stack = WorkerStack(settings, worker_env(
-            settings, DOCFLOW_EMBEDDING_BACKEND=backend, DOCFLOW_EMBEDDING_BATCH_SIZE=str(batch_size),
+class LocalStack:
+    """A broker and worker processes on free ports under a temporary home, for one measurement."""
+
+    def __init__(self, backend: str, batch_size: int) -> None:
+        self._home = tempfile.TemporaryDirectory(prefix="docflow-e2e-")
+        home = Path(self._home.name)
+        self.settings = Settings(home=home, kafka_port=free_port(), kafka_controller_port=free_port())
+        self.broker = LocalBroker(self.settings)
+        (home / "logs").mkdir()
+        self.workers = WorkerStack(self.settings, worker_env(
+            self.settings, DOCFLOW_EMBEDDING_BACKEND=backend, DOCFLOW_EMBEDDING_BATCH_SIZE=str(batch_size),
             DOCFLOW_EMBEDDING_CACHE="false", DOCFLOW_CHUNKER_PROCESSES="0",
-        ), logs)
-        try:
-            stack.launch({"web": 1, "chunker": chunkers, "embedder": embedders})
-            # Warm-up: model loads, first-batch costs and group joins stay out of the figures.
-            asyncio.run(run_pipeline(stack, paths[:2]))
-            return asyncio.run(run_pipeline(stack, paths))
-        finally:
-            stack.stop_all()
-            broker.stop()
+        ), home / "logs")
+
+    def __enter__(self) -> "LocalStack":
+        self.broker.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.workers.stop_all()
+        self.broker.stop()
+        self._home.cleanup()
+
+    @property
+    def web_url(self) -> str:
+        return self.workers.of_role("web")[0].url
+
+    def processes(self) -> dict[str, int]:
+        """Every process of the stack by name (``chunker-2`` for a role's second one), and the broker's JVM."""
+        named = {"broker": self.broker.pid()}
+        counts: dict[str, int] = {}
+        for worker in self.workers.workers:
+            counts[worker.role] = counts.get(worker.role, 0) + 1
+            named[f"{worker.role}-{counts[worker.role]}"] = worker.process.pid
+        return named
+
+
+def measure(paths: list[Path], args: argparse.Namespace, chunkers: int, embedders: int,
+            latency_document: Path | None, profile_dir: Path | None) -> dict:
+    with LocalStack(args.backend, args.batch_size) as stack:
+        stack.workers.launch({"web": 1, "chunker": chunkers, "embedder": embedders})
+        # Warm-up: model loads, group joins, the extraction pool's start and the broker's JIT
+        # stay out of the figures, as on a stack that has been running for a while.
+        asyncio.run(run_pipeline(stack.web_url, paths[:args.warmup_docs]))
+        processes = stack.processes()
+        meter = CpuMeter({**processes, "benchmark client": os.getpid()})
+        meter.start()
+        if profile_dir:
+            with profiled({name: pid for name, pid in processes.items() if name != "broker"}, profile_dir):
+                run = asyncio.run(run_pipeline(stack.web_url, paths))
+        else:
+            run = asyncio.run(run_pipeline(stack.web_url, paths))
+        run["cpu_seconds"] = meter.stop()
+        if latency_document is not None:
+            run["single_document"] = asyncio.run(
+                single_document_latency(stack.web_url, latency_document, args.latency_runs)
+            )
+    return run
 
 
 def markdown(results: dict) -> str:
@@ -148,20 +233,61 @@ def markdown(results: dict) -> str:
             f"{run['pages_per_s']:.1f} | {run['chunks_per_s']:.1f} | {run['latency_p50_s']:.2f} | "
             f"{run['latency_p95_s']:.2f} | {run['latency_p99_s']:.2f} | {run['ratio']:.2f} |"
         )
+    first = results["pipeline"][0]
+    if "single_document" in first:
+        single = first["single_document"]
+        lines += [
+            "",
+            f"One {single['pages']}-page PDF at a time on the idle stack ({single['runs']} uploads), upload to "
+            f"completed: p50 {single['latency_p50_s']:.2f} s, p95 {single['latency_p95_s']:.2f} s.",
+        ]
+    lines += ["", cpu_markdown(results)]
     return "\n".join(lines) + "\n"
+
+
+def cpu_markdown(results: dict) -> str:
+    """CPU seconds by process during each measured run, when each stage finished, and the baseline's time."""
+    runs = results["pipeline"]
+    names = list(dict.fromkeys(name for run in runs for name in run["cpu_seconds"]))
+    header = "| seconds | " + " | ".join(f"{r['chunkers']}c/{r['embedders']}e" for r in runs) + " |"
+    lines = [header, "|---|" + "---:|" * len(runs)]
+    for name in names:
+        lines.append(f"| CPU: {name} | " + " | ".join(f"{r['cpu_seconds'].get(name, 0):.2f}" for r in runs) + " |")
+    if names:
+        lines.append("| CPU: all processes | " + " | ".join(f"{sum(r['cpu_seconds'].values()):.2f}" for r in runs) + " |")
+    for phase, label in (("uploaded", "wall: every upload answered"), ("chunked", "wall: last document chunked"),
+                         ("completed", "wall: last document completed")):
+        lines.append(f"| {label} | " + " | ".join(f"{r['phases_s'][phase]:.2f}" for r in runs) + " |")
+    lines.append(f"| baseline (one process, wall) | {results['baseline']['seconds']:.2f} |" + " |" * (len(runs) - 1))
+    first = runs[0]
+    if first["cpu_seconds"]:
+        spent = sum(first["cpu_seconds"].values()) / results["baseline"]["seconds"]
+        cpus = os.cpu_count() or 1
+        lines += ["", f"Where the time went: the {first['chunkers']} chunker / {first['embedders']} embedder pipeline spent {spent:.1f}x the "
+                  f"baseline's CPU on the same corpus; with {cpus} CPUs it cannot do better than "
+                  f"{cpus / spent:.2f} of the baseline's throughput (it reached {first['ratio']:.2f})."]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", nargs="?", type=Path, help="folder of PDF, text, Markdown, HTML files")
-    parser.add_argument("--docs", type=int, default=50, help="documents to generate without a corpus")
-    parser.add_argument("--pages", type=int, default=10, help="pages per generated document")
+    parser.add_argument("--docs", type=int, default=50, help="documents to generate without a corpus (50)")
+    parser.add_argument("--pages", type=int, default=10, help="pages per generated document (10)")
     parser.add_argument("--backend", default="hashing", choices=["hashing", "local"])
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=Settings.model_fields["embedding_batch_size"].default,
+                        help="chunks per embedding batch, in the pipeline and the baseline alike")
+    parser.add_argument("--warmup-docs", type=int, default=20, help="documents uploaded before measuring (20)")
+    parser.add_argument("--latency-runs", type=int, default=20,
+                        help="single 10-page PDF uploads for the idle latency, 0 skips (20)")
     parser.add_argument("--scaling", action="store_true", help="also run 2 chunkers and 2 embedders")
+    parser.add_argument("--profile", type=Path, help="folder for py-spy profiles of every worker of the first run")
+    parser.add_argument("--url", help="measure a stack already running at this web URL (no CPU figures, no scaling)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="docflow-corpus-") as folder:
+        latency_document = Path(folder) / "ten-pages.pdf"
+        latency_document.write_bytes(documents.make_pdf(documents.lorem_pages(10, 350, seed=10_000)))
         if args.corpus:
             paths, corpus = corpus_files(args.corpus), str(args.corpus)
         else:
@@ -169,18 +295,36 @@ def main() -> None:
             corpus = f"generated: {args.docs} docs x {args.pages} pages (2/3 PDF, 1/3 text)"
         base = asyncio.run(baseline(paths, args.backend, args.batch_size))
         base.update(rates(base))
-        layouts = [(1, 1), (2, 1), (1, 2), (2, 2)] if args.scaling else [(1, 1)]
         runs = []
-        for chunkers, embedders in layouts:
-            run = measure(paths, args.backend, chunkers, embedders, args.batch_size)
-            run.update(rates(run), chunkers=chunkers, embedders=embedders)
-            run["ratio"] = run["chunks_per_s"] / base["chunks_per_s"]
+        if args.url:
+            asyncio.run(run_pipeline(args.url, paths[:args.warmup_docs]))
+            run = asyncio.run(run_pipeline(args.url, paths))
+            run.update(chunkers="?", embedders="?", cpu_seconds={})
+            if args.latency_runs:
+                run["single_document"] = asyncio.run(
+                    single_document_latency(args.url, latency_document, args.latency_runs))
             runs.append(run)
-    results = {"corpus": corpus, "backend": args.backend, "baseline": base, "pipeline": runs}
+        else:
+            for n, (chunkers, embedders) in enumerate(LAYOUTS if args.scaling else LAYOUTS[:1]):
+                # The idle latency and the profile are of the first layout only.
+                run = measure(paths, args, chunkers, embedders,
+                              latency_document if n == 0 and args.latency_runs else None,
+                              args.profile if n == 0 else None)
+                run.update(chunkers=chunkers, embedders=embedders)
+                runs.append(run)
+        for run in runs:
+            run.update(rates(run))
+            run["ratio"] = run["chunks_per_s"] / base["chunks_per_s"]
+    results = {"corpus": corpus, "backend": args.backend, "batch_size": args.batch_size, "baseline": base,
+               "pipeline": runs}
     table = markdown(results)
     print(table)
-    save(RESULTS_DIR / f"e2e-{args.backend}.json", results)
-    (RESULTS_DIR / f"e2e-{args.backend}.md").write_text(table)
+    save(RESULTS_DIR / f"e2e-{args.backend}.json", results, table)
+    if args.profile and not args.url:
+        summaries = {path.stem: summarise(path) for path in sorted(args.profile.glob("*.folded"))}
+        text = profile_markdown(summaries)
+        (args.profile / "summary.md").write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":

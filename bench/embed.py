@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = asyncio.run(run(args))
     ratio = results["openai batched"]["texts_per_s"] / results["openai one at a time"]["texts_per_s"]
-    print(markdown_table(results, args.latency_ms, ratio))
+    table = markdown_table(results, args.latency_ms, ratio)
+    print(table)
 
     save(args.output, {
         "server_latency_ms": args.latency_ms,
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "text_chars": TEXT_CHARS,
         "results": results,
         "openai_batched_over_one_at_a_time": round(ratio, 1),
-    })
+    }, table)
     return 0
 
 

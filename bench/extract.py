@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {corpus} ({sum(len(data) for data in files.values()):,} bytes)")
     if skipped:
         print(f"skipped (not readable by both): {len(skipped)}")
-    print(markdown_table(results, ratio))
+    table = markdown_table(results, ratio)
+    print(table)
 
     save(args.output, {
         "corpus": corpus,
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "results": results,
         "pdfium_over_pypdf_pages_per_s": round(ratio, 2) if ratio else None,
-    })
+    }, f"corpus: {corpus}\n\n{table}")
     return 0
 
 

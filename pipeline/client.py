@@ -100,3 +100,26 @@ class DocflowClient:
             if loop.time() > deadline:
                 raise TimeoutError(f"document {document_id} did not finish within {timeout:.0f}s")
             await asyncio.sleep(interval)
+
+    async def wait_all(self, document_ids, timeout: float = 600.0, interval: float = 0.25) -> dict[str, dict]:
+        """Poll the company's list until every document is in a final state: one request a round, however many."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = set(document_ids)
+        finished: dict[str, dict] = {}
+        while True:
+            try:
+                listed = (await self.list())["documents"]
+            except ApiError as exc:
+                if exc.status != 503:
+                    raise
+                listed = []
+            for status in listed:
+                if status["document_id"] in pending and status["state"] in FINAL_STATES:
+                    pending.discard(status["document_id"])
+                    finished[status["document_id"]] = status
+            if not pending:
+                return finished
+            if loop.time() > deadline:
+                raise TimeoutError(f"{len(pending)} documents did not finish within {timeout:.0f}s")
+            await asyncio.sleep(interval)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from jsonschema import Draft202012Validator
 
 from pipeline.analytics import utc
@@ -101,12 +102,34 @@ def build_events(companies: list[str], closer: str, base: int) -> tuple[list[tup
     return messages, expected
 
 
-async def produce(bootstrap: str, messages: list[tuple[str, bytes]]) -> None:
+def new_source_topic(kafka_settings) -> str:
+    """A topic of the test's own, partitioned as embeddings.ready: the events below include
+    messages that are not JSON, which the pipeline's tests must never read on the real topic."""
+    name = f"{EMBEDDINGS_READY.name}.flink-test-{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_servers)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(name, kafka_settings.topic_partitions, 1)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    return name
+
+
+@pytest.fixture(scope="module")
+def source_topic(kafka_settings) -> str:
+    return new_source_topic(kafka_settings)
+
+
+async def produce(bootstrap: str, topic: str, messages: list[tuple[str, bytes]]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
         for key, value in messages:  # one at a time: production order is partition order
-            await producer.send_and_wait(EMBEDDINGS_READY.name, value, key=key.encode())
+            await producer.send_and_wait(topic, value, key=key.encode())
     finally:
         await producer.stop()
 
@@ -147,7 +170,8 @@ class FlinkJob:
     """The job as a subprocess in a session of its own, so its gateway JVM dies with it."""
 
     def __init__(
-        self, bootstrap: str, starting_offsets: str, workdir: Path, *, checkpoint_dir: Path | None = None,
+        self, bootstrap: str, source_topic: str, starting_offsets: str, workdir: Path, *,
+        checkpoint_dir: Path | None = None,
         checkpoint_interval_seconds: float = 10, restore: str = "none", name: str = "job",
     ) -> None:
         self.stdout_path = workdir / f"{name}.out"
@@ -155,6 +179,7 @@ class FlinkJob:
         command = [
             str(FLINK_PYTHON), str(JOB),
             "--bootstrap-servers", bootstrap,
+            "--source-topic", source_topic,
             "--starting-offsets", starting_offsets,
             "--group-id", f"test-flink-{uuid.uuid4().hex}",
             "--watermark-seconds", str(WATERMARK_SECONDS),
@@ -233,7 +258,7 @@ async def _wait_for(reader: AnalyticsReader, job: FlinkJob, done, timeout: float
 
 
 @pytest.fixture(scope="module")
-def flink_run(kafka_settings, tmp_path_factory):
+def flink_run(kafka_settings, source_topic, tmp_path_factory):
     """Produce the events, run the job over them, collect analytics.flink; yields what a test asserts on."""
     assert FLINK_PYTHON.exists(), "jobs/flink/.venv is missing: `make jobs` builds it"
     bootstrap = kafka_settings.bootstrap_servers
@@ -242,12 +267,9 @@ def flink_run(kafka_settings, tmp_path_factory):
     closer = f"flink-{run}-closer"
     base = time.time_ns() // 1_000_000 // MINUTE * MINUTE - 10 * MINUTE
     messages, expected = build_events(companies, closer, base)
-    # Start at this run's first message: earlier tests' events on embeddings.ready carry
-    # newer created_ms and would make this run's events late.
-    first_message_ms = time.time_ns() // 1_000_000 - 1
-    asyncio.run(produce(bootstrap, messages))
+    asyncio.run(produce(bootstrap, source_topic, messages))
 
-    job = FlinkJob(bootstrap, f"timestamp:{first_message_ms}", tmp_path_factory.mktemp("flink-job"))
+    job = FlinkJob(bootstrap, source_topic, "earliest", tmp_path_factory.mktemp("flink-job"))
     reader = AnalyticsReader(bootstrap, {*companies})
 
     async def follow() -> dict:
@@ -270,13 +292,13 @@ def flink_run(kafka_settings, tmp_path_factory):
             doc = f"{companies[0]}-doc0"
             marker_start = base + 6 * MINUTE
             after_marker = marker_start + MINUTE
-            await produce(bootstrap, [
+            await produce(bootstrap, source_topic, [
                 (doc, json.dumps(_event(companies[0], doc, f"{doc}:late", base + 30_000)).encode()),
                 (doc, json.dumps(_event(companies[0], doc, f"{doc}:marker", marker_start + 1_000)).encode()),
                 (doc, json.dumps(_event(companies[0], doc, f"{doc}:after-marker", after_marker + 1_000)).encode()),
             ])
             await asyncio.sleep(1.0)
-            await produce(bootstrap, [
+            await produce(bootstrap, source_topic, [
                 (doc, json.dumps(_event(companies[0], doc, f"{doc}:marker-straggler", after_marker - 2_000)).encode()),
                 (doc, json.dumps(_event(closer, doc, f"{doc}:closer2", base + 9 * MINUTE)).encode()),
             ])
@@ -379,10 +401,10 @@ def test_job_killed_and_restarted_resumes_open_windows_from_its_latest_checkpoin
     would obey and so miss every event produced while the job was down.
     """
     bootstrap = kafka_settings.bootstrap_servers
+    source_topic = new_source_topic(kafka_settings)
     company = f"flink-restart-{uuid.uuid4().hex[:8]}"
     doc = f"{company}-doc"
     base = time.time_ns() // 1_000_000 // MINUTE * MINUTE - 10 * MINUTE
-    first_message_ms = time.time_ns() // 1_000_000 - 1
     before_crash = [_event(company, doc, f"{doc}:w0:{i}", base + 10_000 + i * 1_000) for i in range(4)]
     # In window 1, and far enough past window 0's end to close it (the partition with the
     # data drives the watermark alone: every other partition is empty, hence idle).
@@ -395,8 +417,8 @@ def test_job_killed_and_restarted_resumes_open_windows_from_its_latest_checkpoin
     async def run() -> str:
         try:
             await reader.start()
-            await produce(bootstrap, [(doc, json.dumps(e).encode()) for e in before_crash])
-            job = FlinkJob(bootstrap, f"timestamp:{first_message_ms}", tmp_path, checkpoint_dir=checkpoints,
+            await produce(bootstrap, source_topic, [(doc, json.dumps(e).encode()) for e in before_crash])
+            job = FlinkJob(bootstrap, source_topic, "earliest", tmp_path, checkpoint_dir=checkpoints,
                            checkpoint_interval_seconds=2, restore="latest", name="first")
             try:
                 await _wait_for(reader, job, lambda: (company, base) in reader.latest(), OUTPUT_TIMEOUT)
@@ -409,8 +431,8 @@ def test_job_killed_and_restarted_resumes_open_windows_from_its_latest_checkpoin
                     await asyncio.sleep(0.5)
             finally:
                 job.crash()
-            await produce(bootstrap, [(doc, json.dumps(e).encode()) for e in while_down])
-            restarted = FlinkJob(bootstrap, "latest", tmp_path, checkpoint_dir=checkpoints,
+            await produce(bootstrap, source_topic, [(doc, json.dumps(e).encode()) for e in while_down])
+            restarted = FlinkJob(bootstrap, source_topic, "latest", tmp_path, checkpoint_dir=checkpoints,
                                  checkpoint_interval_seconds=2, restore="latest", name="restarted")
             try:
                 await _wait_for(reader, restarted, lambda: (company, base + MINUTE) in reader.latest(), OUTPUT_TIMEOUT)

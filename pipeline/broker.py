@@ -9,16 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
-import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 from aiokafka import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
+from pipeline import jvm
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.topics import create_topics
 
@@ -34,19 +32,16 @@ class BrokerError(RuntimeError):
 
 def fetch_jars(libs: Path) -> None:
     """Resolve the broker's jars from Maven Central into ``libs`` (Maven caches them in ~/.m2)."""
-    if any(libs.glob("kafka_2.13-*.jar")):
-        return
-    command = [
-        "mvn", "-q", "-B", "-f", str(POM),
-        "dependency:copy-dependencies", f"-DoutputDirectory={libs}",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise BrokerError(f"fetching Kafka jars with Maven failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    jvm.fetch_jars(POM, libs, "kafka_2.13-*.jar", BrokerError, "Kafka")
 
 
-class LocalBroker:
+class LocalBroker(jvm.LocalJvm):
     """One KRaft broker+controller process whose state lives under ``settings.kafka_dir``."""
+
+    name = "the Kafka broker"
+    main_class = MAIN_CLASS
+    error = BrokerError
+    log_files = ("server.log", "stdout.log")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -60,24 +55,12 @@ class LocalBroker:
     def address(self) -> str:
         return f"127.0.0.1:{self.settings.kafka_port}"
 
-    # -- state -------------------------------------------------------------------------
+    @property
+    def identity(self) -> Path:
+        return self.config_file
 
-    def pid(self) -> int | None:
-        """The broker's pid when its process is alive, else None."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        if MAIN_CLASS.encode() not in cmdline or str(self.config_file).encode() not in cmdline:
-            return None  # the pid was reused by another process
-        return pid
-
-    def is_running(self) -> bool:
-        return self.pid() is not None
+    def serving(self) -> bool:
+        return asyncio.run(self._answers_metadata())
 
     # -- start -------------------------------------------------------------------------
 
@@ -91,18 +74,8 @@ class LocalBroker:
         self._write_config()
         if not (self.data_dir / "meta.properties").exists():
             self._format_storage()
-        stdout = open(self.logs_dir / "stdout.log", "ab")
-        process = subprocess.Popen(
-            self._java(MAIN_CLASS, str(self.config_file)),
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C in the caller's terminal must not kill the broker half-way
-        )
-        stdout.close()
-        self.pid_file.write_text(str(process.pid))
+        self.launch(self._java(MAIN_CLASS, str(self.config_file)), timeout, "answer")
         try:
-            self._wait_until_serving(process, timeout)
             asyncio.run(create_topics(self.settings))
         except BaseException:
             self.stop()
@@ -166,16 +139,6 @@ class LocalBroker:
         if result.returncode != 0:
             raise BrokerError(f"formatting Kafka storage failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
-    def _wait_until_serving(self, process: subprocess.Popen, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise BrokerError(f"the Kafka broker exited with {process.returncode}:\n{self.log_tail()}")
-            if asyncio.run(self._answers_metadata()):
-                return
-            time.sleep(0.5)
-        raise BrokerError(f"the Kafka broker did not answer within {timeout:.0f}s:\n{self.log_tail()}")
-
     async def _answers_metadata(self) -> bool:
         client = AIOKafkaClient(bootstrap_servers=self.address, request_timeout_ms=2000)
         aiokafka_log = logging.getLogger("aiokafka")
@@ -189,42 +152,3 @@ class LocalBroker:
         finally:
             aiokafka_log.setLevel(level)
             await client.close()
-
-    def log_tail(self, lines: int = 40) -> str:
-        tails = []
-        for name in ("server.log", "stdout.log"):
-            path = self.logs_dir / name
-            if path.exists():
-                tails.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
-        return "\n".join(tails)
-
-    # -- stop --------------------------------------------------------------------------
-
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the broker cleanly (SIGTERM, then wait); False when it was not running."""
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.2)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)  # a controlled shutdown that hangs must not leave a JVM behind
-            while _alive(pid):
-                time.sleep(0.1)
-        self.pid_file.unlink(missing_ok=True)
-        return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it when it is our child
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -10,15 +10,11 @@ through :class:`LocalHdfs`, as :class:`pipeline.broker.LocalBroker` does for Kaf
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline.broker import _alive
+from pipeline import jvm
 from pipeline.settings import REPO_ROOT, Settings
 
 POM = REPO_ROOT / "infra" / "hadoop" / "pom.xml"
@@ -36,19 +32,16 @@ class HdfsError(RuntimeError):
 
 def fetch_jars(libs: Path) -> None:
     """Resolve the mini cluster's jars from Maven Central into ``libs`` (Maven caches them in ~/.m2)."""
-    if any(libs.glob("hadoop-minicluster-*.jar")):
-        return
-    command = [
-        "mvn", "-q", "-B", "-f", str(POM),
-        "dependency:copy-dependencies", f"-DoutputDirectory={libs}",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise HdfsError(f"fetching Hadoop jars with Maven failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    jvm.fetch_jars(POM, libs, "hadoop-minicluster-*.jar", HdfsError, "Hadoop")
 
 
-class LocalHdfs:
+class LocalHdfs(jvm.LocalJvm):
     """One namenode and one datanode whose state lives under ``settings.hdfs_dir``."""
+
+    name = "HDFS"
+    main_class = MAIN_CLASS
+    error = HdfsError
+    log_files = ("hdfs.log", "stdout.log")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -70,22 +63,12 @@ class LocalHdfs:
 
     # -- state -------------------------------------------------------------------------
 
-    def pid(self) -> int | None:
-        """The cluster's pid when its process is alive, else None."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        if MAIN_CLASS.encode() not in cmdline or str(self.data_dir).encode() not in cmdline:
-            return None  # the pid was reused by another process
-        return pid
+    @property
+    def identity(self) -> Path:
+        return self.data_dir
 
-    def is_running(self) -> bool:
-        return self.pid() is not None
+    def serving(self) -> bool:
+        return self.takes_writes()
 
     def _formatted(self) -> bool:
         # MiniDFSCluster keeps the namenode's metadata in name-<nameservice>-<n>/ under its base dir.
@@ -98,23 +81,9 @@ class LocalHdfs:
         if self.is_running():
             return False
         fetch_jars(self.settings.hdfs_libs)
-        for path in (self.data_dir, self.logs_dir, self.tmp_dir):
+        for path in (self.data_dir, self.tmp_dir):
             path.mkdir(parents=True, exist_ok=True)
-        stdout = open(self.logs_dir / "stdout.log", "ab")
-        process = subprocess.Popen(
-            self._command(format_storage=not self._formatted()),
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C in the caller's terminal must not kill HDFS half-way
-        )
-        stdout.close()
-        self.pid_file.write_text(str(process.pid))
-        try:
-            self._wait_until_serving(process, timeout)
-        except BaseException:
-            self.stop()
-            raise
+        self.launch(self._command(format_storage=not self._formatted()), timeout, "take writes")
         return True
 
     def _command(self, format_storage: bool) -> list[str]:
@@ -149,16 +118,6 @@ class LocalHdfs:
             *[arg for key, value in conf.items() for arg in ("-D", f"{key}={value}")],
         ]
 
-    def _wait_until_serving(self, process: subprocess.Popen, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise HdfsError(f"HDFS exited with {process.returncode}:\n{self.log_tail()}")
-            if self.takes_writes():
-                return
-            time.sleep(0.5)
-        raise HdfsError(f"HDFS did not take writes within {timeout:.0f}s:\n{self.log_tail()}")
-
     def takes_writes(self) -> bool:
         """True when this cluster's namenode answers, is out of safe mode and has a live datanode."""
         info = self._namenode_bean(NAMENODE_INFO)
@@ -179,30 +138,3 @@ class LocalHdfs:
         except (urllib.error.URLError, OSError, ValueError):
             return {}  # "connection refused" is expected while the JVM boots
         return beans[0] if beans else {}
-
-    def log_tail(self, lines: int = 40) -> str:
-        tails = []
-        for name in ("hdfs.log", "stdout.log"):
-            path = self.logs_dir / name
-            if path.exists():
-                tails.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
-        return "\n".join(tails)
-
-    # -- stop --------------------------------------------------------------------------
-
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the cluster cleanly (SIGTERM runs its shutdown hook), then SIGKILL; False when it was not running."""
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.2)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)  # a shutdown hook that hangs must not leave a JVM behind
-            while _alive(pid):
-                time.sleep(0.1)
-        self.pid_file.unlink(missing_ok=True)
-        return True

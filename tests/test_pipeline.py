@@ -286,6 +286,17 @@ async def test_text_ingestion_completes_with_its_own_chunking_options(stack):
     assert status["filename"] == "Meeting notes.txt"
 
 
+async def test_waiting_for_many_documents_follows_them_all_through_the_companys_list(stack):
+    company = f"many-{uuid.uuid4().hex[:8]}"
+    async with DocflowClient(stack.of_role("web")[0].url, company) as client:
+        ids = [(await client.upload_text(f"note {n}: " + documents.lorem_pages(1, 80, seed=n)[0]))["document_id"]
+               for n in range(4)]
+        finished = await client.wait_all(ids, timeout=120, interval=0.1)
+    assert set(finished) == set(ids)
+    assert {status["state"] for status in finished.values()} == {"completed"}
+    assert all(status["chunks_embedded"] == status["chunks_total"] for status in finished.values())
+
+
 def test_cli_uploads_and_follows_documents_with_its_exit_codes(stack, tmp_path):
     import subprocess
     import sys

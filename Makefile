@@ -33,35 +33,22 @@ $(HADOOP_LIBS)/.fetched: infra/hadoop/pom.xml
 
 # The analytics jobs (jobs/*), each in a virtualenv of its own, never .venv: apache-flink's
 # pins break PySpark's Arrow features in a shared one. `make test` builds them, `make run`
-# needs none. Each job adds its prerequisites to `jobs` on a line of its own.
+# needs none. Each job's jars come from Maven Central through its pom.xml: the Spark job's
+# spark-sql-kafka and the three jars it needs beside pyspark's own (passed in spark.jars), the
+# Flink job's Kafka SQL connector (added through pipeline.jars).
 .PHONY: jobs
 jobs: $(SPARK_JOBS)/.venv/.installed $(SPARK_JOBS)/lib/.fetched
-
-$(SPARK_JOBS)/.venv/.installed: $(SPARK_JOBS)/requirements.txt
-	test -x $(SPARK_JOBS)/.venv/bin/python || $(PYTHON) -m venv $(SPARK_JOBS)/.venv
-	$(SPARK_JOBS)/.venv/bin/python -m pip install -q --upgrade pip
-	$(SPARK_JOBS)/.venv/bin/python -m pip install -q -r $(SPARK_JOBS)/requirements.txt
-	touch $@
-
-# spark-sql-kafka and the three jars it needs beside pyspark's own, passed in spark.jars.
-$(SPARK_JOBS)/lib/.fetched: $(SPARK_JOBS)/pom.xml
-	rm -rf $(SPARK_JOBS)/lib
-	mvn -q -B -f $(SPARK_JOBS)/pom.xml dependency:copy-dependencies
-	touch $@
-
-# The PyFlink job: apache-flink in its own virtualenv, and the Kafka SQL connector jar
-# (Maven Central) that the job adds through pipeline.jars.
 jobs: $(FLINK_JOBS)/.venv/.installed $(FLINK_JOBS)/lib/.fetched
 
-$(FLINK_JOBS)/.venv/.installed: $(FLINK_JOBS)/requirements.txt
-	test -x $(FLINK_JOBS)/.venv/bin/python || $(PYTHON) -m venv $(FLINK_JOBS)/.venv
-	$(FLINK_JOBS)/.venv/bin/python -m pip install -q --upgrade pip
-	$(FLINK_JOBS)/.venv/bin/python -m pip install -q -r $(FLINK_JOBS)/requirements.txt
+jobs/%/.venv/.installed: jobs/%/requirements.txt
+	test -x jobs/$*/.venv/bin/python || $(PYTHON) -m venv jobs/$*/.venv
+	jobs/$*/.venv/bin/python -m pip install -q --upgrade pip
+	jobs/$*/.venv/bin/python -m pip install -q -r $<
 	touch $@
 
-$(FLINK_JOBS)/lib/.fetched: $(FLINK_JOBS)/pom.xml
-	rm -rf $(FLINK_JOBS)/lib
-	mvn -q -B -f $(FLINK_JOBS)/pom.xml dependency:copy-dependencies
+jobs/%/lib/.fetched: jobs/%/pom.xml
+	rm -rf jobs/$*/lib
+	mvn -q -B -f $< dependency:copy-dependencies
 	touch $@
 
 run: setup

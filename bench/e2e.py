@@ -32,17 +32,15 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.cpu import CpuMeter  # noqa: E402
+from bench.local_stack import LocalStack  # noqa: E402
 from bench.worker_profiles import markdown as profile_markdown, profiled, summarise  # noqa: E402
 from bench.report import RESULTS_DIR, save  # noqa: E402
-from pipeline.broker import LocalBroker  # noqa: E402
 from pipeline.chunking import chunk_document  # noqa: E402
 from pipeline.client import DocflowClient  # noqa: E402
 from pipeline.embedding import create_backend  # noqa: E402
 from pipeline.extract import detect_content_type  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from tests import documents  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-from tests.stack import WorkerStack, worker_env  # noqa: E402
 
 CORPUS_SUFFIXES = (".pdf", ".txt", ".md", ".html")
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
@@ -155,43 +153,6 @@ async def single_document_latency(web_url: str, path: Path, runs: int) -> dict:
 
 def rates(run: dict) -> dict:
     return {f"{unit}_per_s": run[unit] / run["seconds"] for unit in ("docs", "pages", "chunks")}
-
-
-class LocalStack:
-    """A broker and worker processes on free ports under a temporary home, for one measurement."""
-
-    def __init__(self, backend: str, batch_size: int) -> None:
-        self._home = tempfile.TemporaryDirectory(prefix="docflow-e2e-")
-        home = Path(self._home.name)
-        self.settings = Settings(home=home, kafka_port=free_port(), kafka_controller_port=free_port())
-        self.broker = LocalBroker(self.settings)
-        (home / "logs").mkdir()
-        self.workers = WorkerStack(self.settings, worker_env(
-            self.settings, DOCFLOW_EMBEDDING_BACKEND=backend, DOCFLOW_EMBEDDING_BATCH_SIZE=str(batch_size),
-            DOCFLOW_EMBEDDING_CACHE="false", DOCFLOW_CHUNKER_PROCESSES="0",
-        ), home / "logs")
-
-    def __enter__(self) -> "LocalStack":
-        self.broker.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.workers.stop_all()
-        self.broker.stop()
-        self._home.cleanup()
-
-    @property
-    def web_url(self) -> str:
-        return self.workers.of_role("web")[0].url
-
-    def processes(self) -> dict[str, int]:
-        """Every process of the stack by name (``chunker-2`` for a role's second one), and the broker's JVM."""
-        named = {"broker": self.broker.pid()}
-        counts: dict[str, int] = {}
-        for worker in self.workers.workers:
-            counts[worker.role] = counts.get(worker.role, 0) + 1
-            named[f"{worker.role}-{counts[worker.role]}"] = worker.process.pid
-        return named
 
 
 def measure(paths: list[Path], args: argparse.Namespace, chunkers: int, embedders: int,

@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import tempfile
 import time
-import urllib.request
 import uuid
-from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from pipeline.broker import LocalBroker
+from bench.local_stack import LocalStack
 from pipeline.chunking import chunk_id
 from pipeline.records import Chunk, now_ms
 from pipeline.settings import Settings
-from pipeline.stack import worker_command
 from pipeline.topics import CHUNKS_PROCESSED, EMBEDDINGS_READY
-from tests.conftest import free_port
 
 
 async def _produce_and_wait(settings: Settings, texts: list[str], company: str) -> float:
@@ -61,40 +54,9 @@ async def _produce_and_wait(settings: Settings, texts: list[str], company: str) 
 
 
 def measure_agent(backend_name: str, texts: list[str], batch_size: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="docflow-bench-") as home:
-        settings = Settings(home=Path(home), kafka_port=free_port(), kafka_controller_port=free_port())
-        broker = LocalBroker(settings)
-        broker.start()
-        port = free_port()
-        env = dict(
-            os.environ, DOCFLOW_HOME=home, DOCFLOW_KAFKA_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
-            DOCFLOW_WEB_PORT=str(port), DOCFLOW_EMBEDDING_BACKEND=backend_name,
-            DOCFLOW_EMBEDDING_BATCH_SIZE=str(batch_size), DOCFLOW_EMBEDDING_CACHE="false",
-        )
-        worker = subprocess.Popen(
-            worker_command("embedder", "warning"),
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            _wait_healthy(f"http://127.0.0.1:{port}/health")
-            asyncio.run(_produce_and_wait(settings, texts[:batch_size], "warm-up"))
-            elapsed = asyncio.run(_produce_and_wait(settings, texts, "bench"))
-        finally:
-            worker.terminate()
-            worker.wait(60)
-            broker.stop()
+    with LocalStack(backend_name, batch_size) as stack:
+        stack.workers.launch({"embedder": 1})
+        asyncio.run(_produce_and_wait(stack.settings, texts[:batch_size], "warm-up"))
+        elapsed = asyncio.run(_produce_and_wait(stack.settings, texts, "bench"))
     return {"texts": len(texts), "batch": batch_size, "seconds": round(elapsed, 3),
             "texts_per_s": round(len(texts) / elapsed, 1)}
-
-
-def _wait_healthy(url: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"embedder worker not healthy at {url}")

@@ -1,0 +1,48 @@
+"""A local broker and docflow worker processes for one measurement, under a temporary home."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pipeline.broker import LocalBroker
+from pipeline.settings import Settings
+from tests.conftest import free_port
+from tests.stack import WorkerStack, worker_env
+
+
+class LocalStack:
+    """A broker and worker processes on free ports under a temporary home, for one measurement."""
+
+    def __init__(self, backend: str, batch_size: int) -> None:
+        self._home = tempfile.TemporaryDirectory(prefix="docflow-e2e-")
+        home = Path(self._home.name)
+        self.settings = Settings(home=home, kafka_port=free_port(), kafka_controller_port=free_port())
+        self.broker = LocalBroker(self.settings)
+        (home / "logs").mkdir()
+        self.workers = WorkerStack(self.settings, worker_env(
+            self.settings, DOCFLOW_EMBEDDING_BACKEND=backend, DOCFLOW_EMBEDDING_BATCH_SIZE=str(batch_size),
+            DOCFLOW_EMBEDDING_CACHE="false", DOCFLOW_CHUNKER_PROCESSES="0",
+        ), home / "logs")
+
+    def __enter__(self) -> "LocalStack":
+        self.broker.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.workers.stop_all()
+        self.broker.stop()
+        self._home.cleanup()
+
+    @property
+    def web_url(self) -> str:
+        return self.workers.of_role("web")[0].url
+
+    def processes(self) -> dict[str, int]:
+        """Every process of the stack by name (``chunker-2`` for a role's second one), and the broker's JVM."""
+        named = {"broker": self.broker.pid()}
+        counts: dict[str, int] = {}
+        for worker in self.workers.workers:
+            counts[worker.role] = counts.get(worker.role, 0) + 1
+            named[f"{worker.role}-{counts[worker.role]}"] = worker.process.pid
+        return named

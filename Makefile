@@ -7,7 +7,7 @@ HADOOP_LIBS := infra/hadoop/libs
 SPARK_JOBS := jobs/spark
 FLINK_JOBS := jobs/flink
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test lint bench clean
 
 setup: $(VENV)/.installed $(KAFKA_LIBS)/.fetched
 
@@ -57,6 +57,11 @@ run: setup
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: setup jobs hdfs-libs
 	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# ruff's rules and format are in pyproject.toml; CI runs this before the tests.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	-$(BIN)/docflow kafka stop

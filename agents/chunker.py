@@ -1,7 +1,7 @@
 """The chunker agent: original → text per page → chunks on chunks.processed.
 
 Extraction and splitting are CPU work and run in a process pool, never on the event loop
-(a blocked loop misses heartbeats, DESIGN §11). The agent takes documents in batches and
+(a blocked loop misses heartbeats, and the worker is evicted from its group). The agent takes documents in batches and
 hands a whole batch to the pool at once, so the pool's processes work side by side.
 """
 
@@ -14,15 +14,19 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING
 
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_exponential
 
 from agents.dead_letters import give_up
 from pipeline import metrics
-from pipeline.chunking import ChunkedDocument, chunk_document, chunk_id
-from pipeline.extract import ExtractionError
-from pipeline.records import Chunk, DocumentUploaded, StatusEvent, now_ms
-from pipeline.storage import ObjectNotFound, StorageError
+from pipeline.errors import ExtractionError, ObjectNotFound, StorageError
+from pipeline.ids import chunk_id
+from pipeline.records import Chunk, DocumentUploaded, now_ms
+from pipeline.text.chunking import ChunkedDocument, chunk_document
+
+if TYPE_CHECKING:
+    from pipeline.app import DocflowApp
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ class ExtractionPool:
         )
 
 
-def register(app) -> None:
+def register(app: DocflowApp) -> None:
     settings = app.settings
     pool = ExtractionPool(settings.chunker_processes)
 
@@ -75,16 +79,15 @@ def register(app) -> None:
         pool.close()
 
 
-async def chunk_batch(app, pool: ExtractionPool, batch: list[DocumentUploaded]) -> None:
+async def chunk_batch(app: DocflowApp, pool: ExtractionPool, batch: list[DocumentUploaded]) -> None:
     """Chunk every document of a batch; returns once every message it produced is acknowledged."""
     deliveries: list = []
     downloaded: list[tuple[DocumentUploaded, bytes]] = []
     for uploaded in batch:
         metrics.docproc_messages_consumed_total.labels(app.raw_topic.get_topic_name(), "received").inc()
-        deliveries.append(await app.status_topic.send(key=uploaded.document_id, value=StatusEvent(
-            document_id=uploaded.document_id, company_id=uploaded.company_id, stage="extracting", at_ms=now_ms(),
-            filename=uploaded.filename,
-        )))
+        deliveries.append(await app.send_status(
+            uploaded.document_id, uploaded.company_id, "extracting", filename=uploaded.filename,
+        ))
         data = await _download(app, uploaded, deliveries)
         if data is not None:
             downloaded.append((uploaded, data))
@@ -120,7 +123,7 @@ async def chunk_batch(app, pool: ExtractionPool, batch: list[DocumentUploaded]) 
     await asyncio.gather(*deliveries)
 
 
-async def _download(app, uploaded: DocumentUploaded, deliveries: list) -> bytes | None:
+async def _download(app: DocflowApp, uploaded: DocumentUploaded, deliveries: list) -> bytes | None:
     started = time.perf_counter()
     # Storage being down is no fault of the document: wait for it (the partition pauses,
     # heartbeats go on), rather than fail the document or acknowledge it unprocessed.
@@ -141,7 +144,7 @@ async def _download(app, uploaded: DocumentUploaded, deliveries: list) -> bytes 
     return data
 
 
-async def _read_original(app, uploaded: DocumentUploaded) -> bytes:
+async def _read_original(app: DocflowApp, uploaded: DocumentUploaded) -> bytes:
     """The original's bytes; every failed attempt counts as a download error."""
     try:
         return await app.storage.get(app.storage.key_of(uploaded.s3_path))
@@ -167,7 +170,7 @@ def _reason(exc: BaseException) -> str:
     return f"text extraction failed unexpectedly: {type(exc).__name__}: {exc}"
 
 
-async def _emit_chunks(app, uploaded: DocumentUploaded, chunked: ChunkedDocument) -> list:
+async def _emit_chunks(app: DocflowApp, uploaded: DocumentUploaded, chunked: ChunkedDocument) -> list:
     total = len(chunked.chunks)
     created = now_ms()
     deliveries = []
@@ -178,8 +181,8 @@ async def _emit_chunks(app, uploaded: DocumentUploaded, chunked: ChunkedDocument
             created_ms=created,
         )))
     metrics.docproc_chunks_produced_total.labels(uploaded.company_id, uploaded.content_type).inc(total)
-    deliveries.append(await app.status_topic.send(key=uploaded.document_id, value=StatusEvent(
-        document_id=uploaded.document_id, company_id=uploaded.company_id, stage="chunked", at_ms=now_ms(),
+    deliveries.append(await app.send_status(
+        uploaded.document_id, uploaded.company_id, "chunked",
         filename=uploaded.filename, chunks_total=total, pages=chunked.pages,
-    )))
+    ))
     return deliveries

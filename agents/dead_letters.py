@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from pipeline.records import DeadLetter, StatusEvent, now_ms
+from pipeline.records import DeadLetter, now_ms
+
+if TYPE_CHECKING:
+    from pipeline.app import DocflowApp
 
 log = logging.getLogger(__name__)
 
 
-async def give_up(app, *, document_id: str, company_id: str, topic: str, stage: str, error: str,
+async def give_up(app: DocflowApp, *, document_id: str, company_id: str, topic: str, stage: str, error: str,
                   original: dict, attempts: int = 1) -> list:
     """Send the failure on its way; returns the delivery futures for the caller to await."""
     log.warning("%s gave up on document %s: %s", stage, document_id, error)
@@ -17,8 +21,7 @@ async def give_up(app, *, document_id: str, company_id: str, topic: str, stage: 
         document_id=document_id, company_id=company_id, topic=topic, stage=stage, error=error,
         attempts=attempts, failed_ms=now_ms(), original=original,
     )
-    failed = StatusEvent(document_id=document_id, company_id=company_id, stage="failed", at_ms=now_ms(), error=error)
     return [
         await app.dlq_topic.send(key=document_id, value=dead),
-        await app.status_topic.send(key=document_id, value=failed),
+        await app.send_status(document_id, company_id, "failed", error=error),
     ]

@@ -6,14 +6,19 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from agents.dead_letters import give_up
 from pipeline import metrics
-from pipeline.embedding import EmbeddingBackend, EmbeddingError, create_backend
-from pipeline.embedding_cache import CachedBackend, EmbeddingCache, cache_path
-from pipeline.records import Chunk, ChunkEmbedding, StatusEvent, now_ms
+from pipeline.embedding import EmbeddingBackend, create_backend
+from pipeline.embedding.cache import CachedBackend
+from pipeline.errors import EmbeddingError
+from pipeline.records import Chunk, ChunkEmbedding, now_ms
+
+if TYPE_CHECKING:
+    from pipeline.app import DocflowApp
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +30,9 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, EmbeddingError) and not exc.permanent
 
 
-def register(app) -> None:
+def register(app: DocflowApp) -> None:
     settings = app.settings
-    backend = create_backend(settings)
-    if settings.embedding_cache:
-        # One folder per process: RocksDB locks it.
-        cache = EmbeddingCache(cache_path(settings.home, f"embedder-{settings.web_port}"))
-        backend = CachedBackend(backend, cache)
+    backend = CachedBackend.from_settings(settings) if settings.embedding_cache else create_backend(settings)
 
     @app.agent(app.chunks_topic, name="embedder")
     async def embed_chunks(stream):
@@ -48,7 +49,7 @@ def register(app) -> None:
         await backend.close()
 
 
-async def embed_batch(app, backend: EmbeddingBackend, batch: list[Chunk]) -> None:
+async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Chunk]) -> None:
     """Embed one batch; returns once every message it produced is acknowledged."""
     started = time.perf_counter()
     metrics.embedding_messages_consumed_total.inc(len(batch))
@@ -78,15 +79,15 @@ async def embed_batch(app, backend: EmbeddingBackend, batch: list[Chunk]) -> Non
         )))
         metrics.embedding_texts_processed_total.labels(chunk.company_id).inc()
     for document_id, chunks in by_document.items():
-        deliveries.append(await app.status_topic.send(key=document_id, value=StatusEvent(
-            document_id=document_id, company_id=chunks[0].company_id, stage="embedding", at_ms=now_ms(),
+        deliveries.append(await app.send_status(
+            document_id, chunks[0].company_id, "embedding",
             chunks_total=chunks[0].total, chunks_embedded=len(chunks), chunk_indexes=[c.index for c in chunks],
-        )))
+        ))
     await asyncio.gather(*deliveries)
     metrics.embedding_batch_processing_duration_seconds.observe(time.perf_counter() - started)
 
 
-async def _give_up_on(app, batch: list[Chunk], reason: str, attempts: int) -> None:
+async def _give_up_on(app: DocflowApp, batch: list[Chunk], reason: str, attempts: int) -> None:
     deliveries = []
     for chunk in batch:
         deliveries += await give_up(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tables.document_status import fold
 
+if TYPE_CHECKING:
+    from pipeline.app import DocflowApp
 
-def register(app) -> None:
+
+def register(app: DocflowApp) -> None:
     table = app.status_table
 
     # documents.status is keyed by document_id like the table, so each event lands on the

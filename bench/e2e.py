@@ -31,16 +31,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.cpu import CpuMeter  # noqa: E402
-from bench.local_stack import LocalStack  # noqa: E402
-from bench.worker_profiles import markdown as profile_markdown, profiled, summarise  # noqa: E402
-from bench.report import RESULTS_DIR, save  # noqa: E402
-from pipeline.chunking import chunk_document  # noqa: E402
-from pipeline.client import DocflowClient  # noqa: E402
-from pipeline.embedding import create_backend  # noqa: E402
-from pipeline.extract import detect_content_type  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from tests import documents  # noqa: E402
+from bench.cpu import CpuMeter
+from bench.local_stack import LocalStack
+from bench.report import RESULTS_DIR, save
+from bench.worker_profiles import markdown as profile_markdown
+from bench.worker_profiles import profiled, summarise
+from pipeline.client import DocflowClient
+from pipeline.embedding import create_backend
+from pipeline.local import documents
+from pipeline.settings import Settings
+from pipeline.text.chunking import chunk_document
+from pipeline.text.content_types import detect_content_type
 
 CORPUS_SUFFIXES = (".pdf", ".txt", ".md", ".html")
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]

@@ -4,7 +4,7 @@ time, and the raw local model.
     .venv/bin/python bench/embed.py
     .venv/bin/python bench/embed.py --latency-ms 250 --texts 4000 --local-texts 0
 
-The openai backend talks to the test server of tests/openai_server.py, on its own loop in
+The openai backend talks to the test server of pipeline/local/openai_server.py, on its own loop in
 a thread, which waits ``--latency-ms`` per request: what batching and concurrency buy
 against a remote API's round trip, not any real service's speed. The local backend embeds
 ``--local-texts`` texts of 1000 characters with all-MiniLM-L6-v2 on the CPU, after loading
@@ -25,11 +25,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.embedder_agent import measure_agent  # noqa: E402
-from pipeline.embedding import EmbeddingBackend, EmbeddingError, LocalBackend, OpenAIBackend  # noqa: E402
-from bench.report import RESULTS_DIR, save  # noqa: E402
-from tests.documents import lorem_pages  # noqa: E402
-from tests.openai_server import ThreadedEmbeddingServer  # noqa: E402
+from bench.embedder_agent import measure_agent
+from bench.report import RESULTS_DIR, save
+from pipeline.embedding import EmbeddingBackend
+from pipeline.embedding.local import LocalBackend
+from pipeline.embedding.openai import OpenAIBackend
+from pipeline.errors import EmbeddingError
+from pipeline.local.documents import lorem_pages
+from pipeline.local.openai_server import ThreadedEmbeddingServer
 
 RESULTS_PATH = RESULTS_DIR / "embed.json"
 TEXT_CHARS = 1000

@@ -16,7 +16,7 @@ import uuid
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.local_stack import LocalStack
-from pipeline.chunking import chunk_id
+from pipeline.ids import chunk_id
 from pipeline.records import Chunk, now_ms
 from pipeline.settings import Settings
 from pipeline.topics import CHUNKS_PROCESSED, EMBEDDINGS_READY

@@ -21,9 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline.extract import ExtractionError, extract_pdf_with_pdfium, extract_pdf_with_pypdf  # noqa: E402
-from bench.report import RESULTS_DIR, save  # noqa: E402
-from tests.documents import lorem_pages, make_pdf  # noqa: E402
+from bench.report import RESULTS_DIR, save
+from pipeline.errors import ExtractionError
+from pipeline.local.documents import lorem_pages, make_pdf
+from pipeline.text.extract import extract_pdf_with_pdfium, extract_pdf_with_pypdf
 
 EXTRACTORS = {"pdfium": extract_pdf_with_pdfium, "pypdf": extract_pdf_with_pypdf}
 RESULTS_PATH = RESULTS_DIR / "extract.json"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipeline.broker import LocalBroker
+from pipeline.local.kafka import LocalBroker
+from pipeline.local.ports import free_port
+from pipeline.local.workers import WorkerStack, worker_env
 from pipeline.settings import Settings
-from tests.conftest import free_port
-from tests.stack import WorkerStack, worker_env
 
 
 class LocalStack:
@@ -25,7 +25,7 @@ class LocalStack:
             DOCFLOW_EMBEDDING_CACHE="false", DOCFLOW_CHUNKER_PROCESSES="0",
         ), home / "logs")
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         self.broker.start()
         return self
 

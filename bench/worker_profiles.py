@@ -82,7 +82,7 @@ def summarise(path: Path, top: int = 12) -> dict:
 
 _DOCFLOW_PACKAGES = ("pipeline/", "agents/", "tables/", "web/")
 # Below every sample of a worker: they say nothing about where its time goes.
-_ENTRY_MODULES = ("pipeline/cli.py", "pipeline/stack.py")
+_ENTRY_MODULES = ("pipeline/cli/", "pipeline/local/workers.py")
 
 
 def _is_docflow(frame: str) -> bool:

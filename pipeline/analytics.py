@@ -9,52 +9,26 @@ partition, so offset order is write order.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownTopicOrPartitionError, for_code
 
+from pipeline.errors import AnalyticsUnavailable
+from pipeline.records import CompanyWindowCount
 from pipeline.settings import Settings
 from pipeline.topics import ANALYTICS_FLINK
 
 log = logging.getLogger(__name__)
 
 
-class AnalyticsUnavailable(RuntimeError):
-    """The broker could not be reached, or did not deliver the topic in time."""
-
-
-@dataclass(frozen=True)
-class WindowCount:
-    company_id: str
-    window_start_ms: int
-    window_end_ms: int
-    count: int
-
-    @classmethod
-    def from_wire(cls, value: bytes) -> WindowCount | None:
-        """A CompanyWindowCount message, or None when it is not one (it is skipped, not fatal)."""
-        try:
-            data = json.loads(value)
-            window = cls(
-                company_id=data["company_id"],
-                window_start_ms=int(data["window_start_ms"]),
-                window_end_ms=int(data["window_end_ms"]),
-                count=int(data["count"]),
-            )
-        except (ValueError, TypeError, KeyError):
-            return None
-        return window
-
-
 @dataclass(frozen=True)
 class CompanyWindows:
-    windows: list[WindowCount]  # newest first
+    windows: list[CompanyWindowCount]  # newest first
     complete: bool  # False when the read timed out before reaching the end of the topic
 
 
@@ -71,8 +45,10 @@ async def read_company_windows(settings: Settings, company_id: str, timeout: flo
     aiokafka_log.setLevel(logging.CRITICAL)  # "unable connect" is said once, as the command's error
     try:
         partitions = await asyncio.wait_for(_partitions(settings, request_timeout_ms), timeout)
-    except (KafkaConnectionError, asyncio.TimeoutError, OSError) as exc:
-        raise AnalyticsUnavailable(f"Kafka at {settings.bootstrap_servers} is unreachable: {exc or type(exc).__name__}")
+    except (TimeoutError, KafkaConnectionError, OSError) as exc:
+        raise AnalyticsUnavailable(
+            f"Kafka at {settings.bootstrap_servers} is unreachable: {exc or type(exc).__name__}"
+        ) from exc
     finally:
         aiokafka_log.setLevel(level)
     if not partitions:  # the topic was never created: nothing was ever written
@@ -121,7 +97,7 @@ async def _read(
     await consumer.seek_to_beginning(*partitions)
     end = await consumer.end_offsets(partitions)
     remaining = {tp for tp in partitions if end[tp] > 0}
-    latest: dict[int, WindowCount] = {}
+    latest: dict[int, CompanyWindowCount] = {}
     while remaining:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -132,7 +108,7 @@ async def _read(
                 # Every company's messages are in this topic: parse only this company's.
                 if record.key != key or record.value is None:
                     continue
-                window = WindowCount.from_wire(record.value)
+                window = CompanyWindowCount.from_wire(record.value)
                 if window is None or window.company_id != key.decode():
                     log.warning("skipping a message that is not a CompanyWindowCount at offset %s", record.offset)
                     continue
@@ -143,15 +119,15 @@ async def _read(
     return CompanyWindows(_newest_first(latest), complete=True)
 
 
-def _newest_first(latest: dict[int, WindowCount]) -> list[WindowCount]:
+def _newest_first(latest: dict[int, CompanyWindowCount]) -> list[CompanyWindowCount]:
     return [latest[start] for start in sorted(latest, reverse=True)]
 
 
 def utc(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def format_windows(windows: list[WindowCount]) -> list[str]:
+def format_windows(windows: list[CompanyWindowCount]) -> list[str]:
     """The table `docflow analytics` prints: one line per window, as given (newest first)."""
     lines = [f"{'window start (UTC)':19}  {'window end (UTC)':19}  {'chunks':>8}"]
     lines += [f"{utc(w.window_start_ms):19}  {utc(w.window_end_ms):19}  {w.count:>8}" for w in windows]

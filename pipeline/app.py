@@ -3,11 +3,12 @@
 A Faust worker runs every agent its app defines, all in one consumer group (the app id).
 So each role gets its own app id (``docflow-web``, ``docflow-chunker``,
 ``docflow-embedder``): running more processes of one role shares that role's
-partitions and nothing else (DESIGN §3, §11).
+partitions and nothing else (docs/architecture.md, "Roles").
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Optional
@@ -56,22 +57,24 @@ class DeadLetteringTopic(faust.Topic):
 
 
 class DocflowApp(faust.App):
-    """A Faust app that also holds what docflow's agents and views share."""
+    """A Faust app that also holds what docflow's agents and views share: built by :func:`create_app`."""
 
     settings: Settings
     role: str
     storage: ObjectStorage
+    raw_topic: faust.TopicT
+    chunks_topic: faust.TopicT
+    embeddings_topic: faust.TopicT
+    status_topic: faust.TopicT
+    dlq_topic: faust.TopicT
     status_table: Optional[faust.Table] = None
 
-    def declare_topics(self) -> None:
-        def topic(spec: topics.TopicSpec, value_type):
-            return self.topic(spec.name, key_type=str, value_type=value_type)
-
-        self.raw_topic = topic(topics.DOCUMENTS_RAW, records.DocumentUploaded)
-        self.chunks_topic = topic(topics.CHUNKS_PROCESSED, records.Chunk)
-        self.embeddings_topic = topic(topics.EMBEDDINGS_READY, records.ChunkEmbedding)
-        self.status_topic = topic(topics.DOCUMENTS_STATUS, records.StatusEvent)
-        self.dlq_topic = topic(topics.DOCUMENTS_DLQ, records.DeadLetter)
+    async def send_status(self, document_id: str, company_id: str, stage: records.DocumentState,
+                          **details) -> asyncio.Future:
+        """Send a StatusEvent stamped now; returns its delivery future for the caller to await."""
+        return await self.status_topic.send(
+            key=document_id, value=records.status_event(document_id, company_id, stage, **details)
+        )
 
     async def on_stop(self) -> None:
         await super().on_stop()
@@ -79,7 +82,7 @@ class DocflowApp(faust.App):
 
 
 def create_app(settings: Settings, role: str) -> DocflowApp:
-    """The app of one role, with that role's agents, table and views registered."""
+    """The app of one role, with that role's topics, agents, table and views: its one place of assembly."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
     workers_dir = settings.home / "workers"
@@ -96,7 +99,7 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
         canonical_url=settings.web_canonical_url or f"http://{settings.web_host}:{settings.web_port}",
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication_factor,
-        # exactly_once has open duplicate/fencing bugs (DESIGN §11): at-least-once with idempotent consumers.
+        # exactly_once has open duplicate/fencing bugs (faust#323, #517): at-least-once with idempotent consumers.
         processing_guarantee="at_least_once",
         producer_acks=-1,
         # An upload waits for its event to be acknowledged: fail within seconds, not Faust's 20 minutes.
@@ -115,7 +118,15 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
     app.settings = settings
     app.role = role
     app.storage = open_storage(settings)
-    app.declare_topics()
+
+    def topic(spec: topics.TopicSpec, value_type) -> faust.TopicT:
+        return app.topic(spec.name, key_type=str, value_type=value_type)
+
+    app.raw_topic = topic(topics.DOCUMENTS_RAW, records.DocumentUploaded)
+    app.chunks_topic = topic(topics.CHUNKS_PROCESSED, records.Chunk)
+    app.embeddings_topic = topic(topics.EMBEDDINGS_READY, records.ChunkEmbedding)
+    app.status_topic = topic(topics.DOCUMENTS_STATUS, records.StatusEvent)
+    app.dlq_topic = topic(topics.DOCUMENTS_DLQ, records.DeadLetter)
     setup_prometheus_sensors(app, name_prefix=f"faust_{role}")
 
     from web import views

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import mimetypes
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import aiohttp
 
+from pipeline.errors import ApiError
+from pipeline.records import FINAL_STATES
+
 UPLOAD_PIECE_BYTES = 256 * 1024
-FINAL_STATES = ("completed", "failed", "cancelled")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 class DocflowClient:
@@ -27,7 +21,7 @@ class DocflowClient:
         self.company_id = company_id
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
 
-    async def __aenter__(self) -> "DocflowClient":
+    async def __aenter__(self) -> DocflowClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -1,4 +1,4 @@
-"""The Prometheus metrics of seed 000 (DESIGN §7), served on /metrics of every role.
+"""The Prometheus metrics of seed 000 (docs/architecture.md, "Metrics"), served on /metrics of every role.
 
 They live in prometheus_client's default registry, next to Faust's own sensor metrics.
 """
@@ -55,4 +55,10 @@ embedding_openai_api_duration_seconds = Histogram(
 )
 embedding_openai_api_errors_total = Counter(
     "embedding_openai_api_errors_total", "Errors of OpenAI embedding calls.", ["model_name", "error_type"]
+)
+embedding_cache_hits_total = Counter(
+    "embedding_cache_hits_total", "Texts whose vector came from the embedding cache.", ["model_name"]
+)
+embedding_cache_misses_total = Counter(
+    "embedding_cache_misses_total", "Texts not in the embedding cache, sent to the backend.", ["model_name"]
 )

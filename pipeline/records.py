@@ -1,4 +1,4 @@
-"""The messages on docflow's topics (DESIGN §2): Faust Records, plain JSON on the wire.
+"""The messages on docflow's topics (docs/architecture.md, "Topics and records"): Faust Records, plain JSON on the wire.
 
 ``include_metadata=False`` keeps Faust's ``__faust`` blob off the wire, so Flink, Spark
 and kcat read these without knowing Faust. Timestamps are epoch milliseconds (``*_ms``).
@@ -7,12 +7,20 @@ The JSON Schemas of these records are in ``pipeline/schemas/``.
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import faust
 
-STAGES = ("uploaded", "extracting", "chunked", "embedding", "completed", "failed", "cancelled")
+# A document's states, the one vocabulary of the table, the API, the client, the CLI and the
+# page. A StatusEvent's stage is the state its stage moves the document towards.
+DocumentState = Literal["uploaded", "extracting", "chunked", "embedding", "completed", "failed", "cancelled"]
+STATES: tuple[DocumentState, ...] = get_args(DocumentState)
+# The happy path, in order: a document's state only ever moves forward along it.
+PROGRESS_STATES: tuple[DocumentState, ...] = ("uploaded", "extracting", "chunked", "embedding", "completed")
+# States a document never leaves.
+FINAL_STATES: tuple[DocumentState, ...] = ("completed", "failed", "cancelled")
 
 
 def now_ms() -> int:
@@ -65,7 +73,7 @@ class StatusEvent(WireRecord):
 
     document_id: str
     company_id: str
-    stage: str
+    stage: DocumentState
     at_ms: int
     filename: str = ""
     chunks_total: Optional[int] = None
@@ -75,11 +83,35 @@ class StatusEvent(WireRecord):
     error: Optional[str] = None
 
 
+def status_event(document_id: str, company_id: str, stage: DocumentState, **details: Any) -> StatusEvent:
+    """A StatusEvent stamped now: every stage builds its events through here."""
+    return StatusEvent(document_id=document_id, company_id=company_id, stage=stage, at_ms=now_ms(), **details)
+
+
 class CompanyWindowCount(WireRecord):
+    """Chunks embedded for one company in one minute, as the Flink job writes them to analytics.flink."""
+
     company_id: str
     window_start_ms: int
     window_end_ms: int
     count: int
+
+    @classmethod
+    def from_wire(cls, value: bytes) -> Optional[CompanyWindowCount]:
+        """The window a message holds, or None when it is not one (readers skip it, it is not fatal).
+
+        The Flink job is not a Faust producer: its fields are checked and converted here.
+        """
+        try:
+            data = json.loads(value)
+            return cls(
+                company_id=str(data["company_id"]),
+                window_start_ms=int(data["window_start_ms"]),
+                window_end_ms=int(data["window_end_ms"]),
+                count=int(data["count"]),
+            )
+        except (ValueError, TypeError, KeyError):
+            return None
 
 
 class DeadLetter(WireRecord):

@@ -1,4 +1,4 @@
-"""The docflow topics (DESIGN §2), declared once, and their creation on a broker."""
+"""The docflow topics (docs/architecture.md, "Topics and records"), declared once, and their creation on a broker."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A document's status and the state machine that folds StatusEvents into it (DESIGN §4).
+"""A document's status and the state machine that folds StatusEvents into it.
 
 ``uploaded → extracting → chunked → embedding → completed``, or ``failed``. Events may
 arrive twice or out of order: the state never moves backwards, counts come from the set
@@ -12,17 +12,14 @@ from typing import Optional
 
 import faust
 
-from pipeline.records import StatusEvent
-
-PROGRESS = ("uploaded", "extracting", "chunked", "embedding", "completed")
-TERMINAL = ("completed", "failed", "cancelled")
+from pipeline.records import FINAL_STATES, PROGRESS_STATES, DocumentState, StatusEvent
 
 
 class DocumentStatus(faust.Record, serializer="json", include_metadata=False):
     document_id: str
     company_id: str
     filename: str
-    state: str
+    state: DocumentState
     pages: Optional[int]
     chunks_total: Optional[int]
     chunks_embedded: int
@@ -97,7 +94,7 @@ def fold(status: Optional[DocumentStatus], event: StatusEvent) -> DocumentStatus
 
 
 def _next_state(status: DocumentStatus, event: StatusEvent, fields: dict) -> str:
-    if status.state in TERMINAL:
+    if status.state in FINAL_STATES:
         return status.state
     if event.stage in ("failed", "cancelled"):
         return event.stage
@@ -105,10 +102,10 @@ def _next_state(status: DocumentStatus, event: StatusEvent, fields: dict) -> str
     if total is not None and total > 0 and fields["chunks_embedded"] == total:
         return "completed"
     candidates = [status.state]
-    if event.stage in PROGRESS[:-1]:
+    if event.stage in PROGRESS_STATES[:-1]:
         candidates.append(event.stage)
     if fields["chunks_embedded"]:
         candidates.append("embedding")
     if total is not None:
         candidates.append("chunked")
-    return max(candidates, key=PROGRESS.index)
+    return max(candidates, key=PROGRESS_STATES.index)

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
-from pipeline.broker import LocalBroker
-from pipeline.hdfs import LocalHdfs
+from pipeline.local.hdfs import LocalHdfs
+from pipeline.local.kafka import LocalBroker
+from pipeline.local.ports import free_port
 from pipeline.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,9 @@ import asyncio
 import pytest
 
 from agents import embedder
-from pipeline.embedding import EmbeddingBackend, EmbeddingError
+from pipeline.app import DocflowApp
+from pipeline.embedding import EmbeddingBackend
+from pipeline.errors import EmbeddingError
 from pipeline.records import Chunk
 
 
@@ -49,6 +51,8 @@ class RecordingTopic:
 
 
 class RecordingApp:
+    send_status = DocflowApp.send_status
+
     def __init__(self) -> None:
         for attr, name in [("embeddings_topic", "embeddings.ready"), ("status_topic", "documents.status"),
                            ("dlq_topic", "documents.dlq"), ("chunks_topic", "chunks.processed")]:

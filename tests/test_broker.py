@@ -10,7 +10,7 @@ import uuid
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from pipeline.broker import LocalBroker
+from pipeline.local.kafka import LocalBroker
 from pipeline.topics import DOCUMENTS_RAW, TOPICS
 
 
@@ -80,7 +80,7 @@ def test_cli_status_reports_running_broker_and_its_address(kafka_settings):
 
 
 def test_stopped_broker_leaves_no_process_and_restarts_on_its_data(tmp_path):
-    from tests.conftest import free_port
+    from pipeline.local.ports import free_port
     from pipeline.settings import Settings
 
     settings = Settings(home=tmp_path, kafka_port=free_port(), kafka_controller_port=free_port())

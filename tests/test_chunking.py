@@ -9,17 +9,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from pipeline.chunking import ChunkedDocument, ChunkText, chunk_document, chunk_id, split_pages
-from pipeline.extract import (
-    SUPPORTED_CONTENT_TYPES,
-    EncryptedPDFError,
-    ExtractionError,
-    detect_content_type,
-    extract_pages,
-    extract_pdf_with_pdfium,
-    extract_pdf_with_pypdf,
-)
-from tests.documents import (
+from pipeline.errors import EncryptedPDFError, ExtractionError
+from pipeline.ids import chunk_id
+from pipeline.local.documents import (
     corrupt_pdf,
     lorem_pages,
     make_encrypted_pdf,
@@ -27,6 +19,13 @@ from tests.documents import (
     make_image_only_pdf,
     make_markdown,
     make_pdf,
+)
+from pipeline.text.chunking import ChunkedDocument, ChunkText, chunk_document, split_pages
+from pipeline.text.content_types import SUPPORTED_CONTENT_TYPES, detect_content_type
+from pipeline.text.extract import (
+    extract_pages,
+    extract_pdf_with_pdfium,
+    extract_pdf_with_pypdf,
 )
 
 PDF = "application/pdf"
@@ -155,7 +154,7 @@ def _pypdf_finds_nothing(data: bytes) -> list[str]:
 
 @pytest.mark.parametrize("pypdf_outcome", [_pypdf_rejects, _pypdf_finds_nothing], ids=["rejects", "finds-nothing"])
 def test_pdf_pdfium_rejects_and_pypdf_cannot_read_reports_pdfiums_reason(monkeypatch, pypdf_outcome):
-    import pipeline.extract as extract
+    import pipeline.text.extract as extract
 
     monkeypatch.setattr(extract, "extract_pdf_with_pypdf", pypdf_outcome)
 
@@ -164,7 +163,7 @@ def test_pdf_pdfium_rejects_and_pypdf_cannot_read_reports_pdfiums_reason(monkeyp
 
 
 def test_encrypted_pdf_is_not_handed_to_the_fallback(monkeypatch):
-    import pipeline.extract as extract
+    import pipeline.text.extract as extract
 
     def must_not_run(data: bytes) -> list[str]:
         raise AssertionError("pypdf ran for a PDF pdfium found encrypted")
@@ -176,7 +175,7 @@ def test_encrypted_pdf_is_not_handed_to_the_fallback(monkeypatch):
 
 
 def test_pypdf_extractor_does_not_touch_pdfium(monkeypatch):
-    import pipeline.extract as extract
+    import pipeline.text.extract as extract
 
     def must_not_run(data: bytes) -> list[str]:
         raise AssertionError("pdfium ran although pypdf was selected")

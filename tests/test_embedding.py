@@ -12,8 +12,10 @@ import time
 
 import pytest
 
-from pipeline import embedding
-from pipeline.embedding import EmbeddingError, HashingBackend, LocalBackend, create_backend
+from pipeline.embedding import create_backend, local
+from pipeline.embedding.hashing import HashingBackend
+from pipeline.embedding.local import LocalBackend
+from pipeline.errors import EmbeddingError
 from pipeline.settings import REPO_ROOT, Settings
 
 TEXT = "Kafka partitions are replicated across brokers, and consumers in one group share them."
@@ -51,7 +53,7 @@ async def test_hashing_vectors_are_deterministic_and_normalised():
     # PYTHONHASHSEED=random stops an environment that pins the seed from hiding a use of hash().
     script = (
         "import asyncio, json, sys\n"
-        "from pipeline.embedding import HashingBackend\n"
+        "from pipeline.embedding.hashing import HashingBackend\n"
         "print(json.dumps(asyncio.run(HashingBackend().embed([sys.argv[1]]))[0]))\n"
     )
     result = subprocess.run(
@@ -123,7 +125,7 @@ async def test_local_model_is_loaded_once_per_process(local_backend, monkeypatch
         return real_constructor(*args, **kwargs)
 
     # A cold process: an empty cache, and four backends whose worker threads race to load.
-    monkeypatch.setattr(embedding, "_loaded_models", {})
+    monkeypatch.setattr(local, "_loaded_models", {})
     monkeypatch.setattr(sentence_transformers, "SentenceTransformer", counting_constructor)
     backends = [LocalBackend() for _ in range(4)]
     try:

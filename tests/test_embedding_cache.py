@@ -7,9 +7,10 @@ import random
 import pytest
 from prometheus_client import REGISTRY
 
-from pipeline.embedding import HashingBackend, OpenAIBackend
-from pipeline.embedding_cache import CachedBackend, EmbeddingCache, cache_path
-from tests.openai_server import EmbeddingServer, vector_for
+from pipeline.embedding.cache import CachedBackend, EmbeddingCache, cache_path
+from pipeline.embedding.hashing import HashingBackend
+from pipeline.embedding.openai import OpenAIBackend
+from pipeline.local.openai_server import EmbeddingServer, vector_for
 
 
 class CountingBackend(HashingBackend):

@@ -32,9 +32,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from jsonschema import Draft202012Validator
 
 from pipeline.analytics import utc
+from pipeline.local.ports import free_port
 from pipeline.settings import REPO_ROOT
 from pipeline.topics import ANALYTICS_FLINK, EMBEDDINGS_READY
-from tests.conftest import free_port
 
 FLINK_PYTHON = REPO_ROOT / "jobs" / "flink" / ".venv" / "bin" / "python"
 JOB = REPO_ROOT / "jobs" / "flink" / "chunk_counts.py"

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.hdfs import HdfsError, LocalHdfs
+from pipeline.errors import HdfsError
+from pipeline.local.hdfs import LocalHdfs
+from pipeline.local.ports import free_port
 from pipeline.settings import Settings
-from tests.conftest import free_port
 
 
 def webhdfs_write(cluster: LocalHdfs, path: str, data: bytes) -> None:

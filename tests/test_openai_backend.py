@@ -8,9 +8,11 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
-from pipeline.embedding import EmbeddingError, OpenAIBackend, create_backend, estimate_tokens
+from pipeline.embedding import create_backend
+from pipeline.embedding.openai import OpenAIBackend, estimate_tokens
+from pipeline.errors import EmbeddingError
+from pipeline.local.openai_server import EmbeddingServer, ThreadedEmbeddingServer, vector_for
 from pipeline.settings import Settings
-from tests.openai_server import EmbeddingServer, ThreadedEmbeddingServer, vector_for
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +218,7 @@ async def test_over_long_inputs_are_truncated_before_sending(server, make_backen
 async def test_dims_are_learned_from_the_server_or_fixed_by_dimensions(server, make_backend):
     learned = make_backend()
     with pytest.raises(RuntimeError):
-        learned.dims
+        _ = learned.dims
     await learned.embed(["one"])
     assert learned.dims == 8
 

@@ -7,10 +7,11 @@ import uuid
 import pytest
 
 from pipeline.client import DocflowClient
+from pipeline.local import documents
+from pipeline.local.openai_server import ThreadedEmbeddingServer, vector_for
+from pipeline.local.workers import WorkerStack, worker_env
 from pipeline.topics import CHUNKS_PROCESSED, DOCUMENTS_DLQ, EMBEDDINGS_READY
-from tests import documents
-from tests.openai_server import ThreadedEmbeddingServer, vector_for
-from tests.stack import WorkerStack, read_topic, upload_all, wait_all, worker_env
+from tests.stack import read_topic, upload_all, wait_all
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from pipeline.chunking import chunk_document, chunk_id
-from pipeline.client import ApiError, DocflowClient
+from pipeline.client import DocflowClient
+from pipeline.errors import ApiError
+from pipeline.ids import chunk_id
+from pipeline.local import documents
+from pipeline.local.ports import free_port
+from pipeline.local.workers import ROLE_INPUTS, WorkerStack, worker_env
 from pipeline.settings import REPO_ROOT
+from pipeline.text.chunking import chunk_document
 from pipeline.topics import DOCUMENTS_DLQ, EMBEDDINGS_READY
-from tests import documents
-from tests.conftest import free_port
-from tests.stack import ROLE_INPUTS, WorkerStack, read_topic, upload_all, wait_all, worker_env
+from tests.stack import read_topic, upload_all, wait_all
 
 MAX_UPLOAD_BYTES = 1_000_000
 

@@ -8,14 +8,10 @@ import uuid
 
 import pytest
 
-from pipeline.storage import (
-    FileStorage,
-    ObjectNotFound,
-    S3Storage,
-    S3_PART_BYTES,
-    object_key,
-    sanitize_filename,
-)
+from pipeline.errors import ObjectNotFound
+from pipeline.ids import object_key, sanitize_filename
+from pipeline.storage.file import FileStorage
+from pipeline.storage.s3 import S3_PART_BYTES, S3Storage
 
 
 @pytest.fixture

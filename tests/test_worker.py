@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.local.workers import role_worker
 from pipeline.settings import Settings
-from pipeline.stack import role_worker
 
 
 def test_a_quiet_worker_leaves_the_root_logger_at_its_level(tmp_path):

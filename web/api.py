@@ -1,21 +1,24 @@
-"""The web role's API (DESIGN §6): upload, text ingestion, a document's status, a company's list."""
+"""The web role's API (docs/architecture.md, "Web API"): upload, text ingestion, a document's status, a company's list."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 from faust.web import Request, Response, View
 
 from pipeline import metrics
-from pipeline.storage import sanitize_filename
-from web.ingest import SNIFF_BYTES, IngestError, announce, check_type, company_from, options_from, sniff, store
+from pipeline.errors import RequestError
+from pipeline.records import FINAL_STATES
+from web.ingest import accept, company_from, discard, receive
+
+if TYPE_CHECKING:
+    from pipeline.app import DocflowApp
 
 PIECE_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 64 * 1024
@@ -28,13 +31,13 @@ def error(view: View, status: int, code: str, message: str) -> Response:
 
 
 def api_view(handler):
-    """Answer IngestError as the JSON error contract, and time every API request."""
+    """Answer RequestError as the JSON error contract, and time every API request."""
 
     async def respond(view: View, request: Request, *args, **kwargs) -> Response:
         started = time.perf_counter()
         try:
             return await handler(view, request, *args, **kwargs)
-        except IngestError as exc:
+        except RequestError as exc:
             return error(view, exc.status, exc.code, exc.message)
         finally:
             metrics.ingest_request_processing_duration_seconds.observe(time.perf_counter() - started)
@@ -47,7 +50,7 @@ def admitted_company(request: Request, limit: int, overhead: int) -> str:
     company_id = company_from(request.headers.get("X-Company-ID"))
     if request.content_length is not None and request.content_length > limit + overhead:
         metrics.ingest_uploads_total.labels(company_id, "unknown", "too_large").inc()
-        raise IngestError(413, "too_large", f"the upload is larger than the {limit}-byte limit")
+        raise RequestError(413, "too_large", f"the upload is larger than the {limit}-byte limit")
     return company_id
 
 
@@ -66,10 +69,10 @@ async def _part_pieces(part: aiohttp.BodyPartReader) -> AsyncIterator[bytes]:
 INDEX_PAGE = Path(__file__).parent / "static" / "index.html"
 
 
-def register(app) -> None:
+def register(app: DocflowApp) -> None:
     settings = app.settings
     table = app.status_table
-    index_page = INDEX_PAGE.read_text()
+    index_page = INDEX_PAGE.read_text().replace("__FINAL_STATES__", json.dumps(FINAL_STATES))
 
     @app.page("/")
     class Index(View):
@@ -86,33 +89,29 @@ def register(app) -> None:
         async def post(self, request: Request) -> Response:
             company_id = admitted_company(request, settings.max_upload_bytes, MAX_FIELD_BYTES)
             if not request.content_type.startswith("multipart/"):
-                raise IngestError(400, "expected_multipart", "send the document as multipart/form-data in a 'file' field")
+                raise RequestError(400, "expected_multipart", "send the document as multipart/form-data in a 'file' field")
             reader = await request.multipart()
             fields: dict[str, str] = {}
-            stored = None
+            received = None
             try:
                 async for part in reader:
                     if part.name != "file":
                         fields[part.name or ""] = (await part.read_chunk(MAX_FIELD_BYTES)).decode(errors="replace")
                         continue
-                    if stored is not None:
-                        raise IngestError(422, "invalid_parameter", "send exactly one file per upload")
-                    filename = sanitize_filename(part.filename or "document")
-                    head, pieces = await sniff(_part_pieces(part))
-                    content_type = check_type(company_id, filename, part.headers.get("Content-Type"), head)
-                    options_from(fields, settings.chunk_size, settings.chunk_overlap)  # refuse before storing
-                    document_id = str(uuid.uuid4())
-                    stored = await store(app, company_id, document_id, filename, content_type, pieces)
-                if stored is None:
-                    raise IngestError(422, "missing_file", "no 'file' field in the upload")
-                options = options_from(fields, settings.chunk_size, settings.chunk_overlap)
+                    if received is not None:
+                        raise RequestError(422, "invalid_parameter", "send exactly one file per upload")
+                    received = await receive(
+                        app, company_id, part.filename or "document", part.headers.get("Content-Type"),
+                        _part_pieces(part), fields,
+                    )
             except BaseException:
-                if stored is not None:
-                    with contextlib.suppress(Exception):
-                        await app.storage.delete(stored.key)
+                if received is not None:
+                    await discard(app, received)
                 raise
-            await announce(app, stored, company_id, document_id, filename, content_type, options)
-            return accepted(self, document_id)
+            if received is None:
+                raise RequestError(422, "missing_file", "no 'file' field in the upload")
+            await accept(app, received, fields)
+            return accepted(self, received.document_id)
 
     @app.page("/api/v1/documents/text")
     class TextDocument(View):
@@ -124,27 +123,26 @@ def register(app) -> None:
             try:
                 body = json.loads(await request.read())
             except (ValueError, UnicodeDecodeError):
-                raise IngestError(400, "invalid_json", "the body must be a JSON object") from None
+                raise RequestError(400, "invalid_json", "the body must be a JSON object") from None
             if not isinstance(body, dict):
-                raise IngestError(400, "invalid_json", "the body must be a JSON object")
+                raise RequestError(400, "invalid_json", "the body must be a JSON object")
             if body.get("company_id", company_id) != company_id:
-                raise IngestError(400, "invalid_company_id", "company_id in the body differs from X-Company-ID")
+                raise RequestError(400, "invalid_company_id", "company_id in the body differs from X-Company-ID")
             text = body.get("text")
             if not isinstance(text, str):
-                raise IngestError(422, "invalid_parameter", "text must be a string")
-            options = options_from(body, settings.chunk_size, settings.chunk_overlap)
-            filename = sanitize_filename(body.get("filename") or f"{options.title or 'text'}.txt")
-            data = text.encode()
-            declared = "text/markdown" if filename.endswith(".md") else "text/plain"
-            content_type = check_type(company_id, filename, declared, data.strip()[:SNIFF_BYTES])
+                raise RequestError(422, "invalid_parameter", "text must be a string")
+            title = body.get("title") if isinstance(body.get("title"), str) else ""
+            filename = body.get("filename") or f"{title or 'text'}.txt"
+            declared = "text/markdown" if str(filename).endswith(".md") else "text/plain"
+            # Whitespace alone is an empty document.
+            data = text.encode() if text.strip() else b""
 
             async def pieces() -> AsyncIterator[bytes]:
                 yield data
 
-            document_id = str(uuid.uuid4())
-            stored = await store(app, company_id, document_id, filename, content_type, pieces())
-            await announce(app, stored, company_id, document_id, filename, content_type, options)
-            return accepted(self, document_id)
+            received = await receive(app, company_id, str(filename), declared, pieces(), body)
+            await accept(app, received, body)
+            return accepted(self, received.document_id)
 
     @app.page("/api/v1/documents/{document_id}")
     class DocumentStatusView(View):
@@ -186,7 +184,7 @@ def register(app) -> None:
             })
 
 
-async def _from_peers(app, company_id: str) -> tuple[list[dict], bool]:
+async def _from_peers(app: DocflowApp, company_id: str) -> tuple[list[dict], bool]:
     """Each other web worker's share of the list; partial when a peer did not answer."""
     own = str(app.conf.canonical_url).rstrip("/")
     try:
@@ -206,7 +204,7 @@ async def _from_peers(app, company_id: str) -> tuple[list[dict], bool]:
                 if response.status != 200:
                     return None
                 return (await response.json())["documents"]
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+        except (TimeoutError, aiohttp.ClientError, ValueError, KeyError):
             return None
 
     answers = await asyncio.gather(*(fetch(peer) for peer in peers))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaClient
 from aiokafka.errors import KafkaError
 from faust.web import Request, Response, View
+
+if TYPE_CHECKING:
+    from pipeline.app import DocflowApp
 
 BROKER_CHECK_SECONDS = 3.0
 
@@ -26,12 +30,21 @@ class BrokerProbe:
                 self._client = client
             await asyncio.wait_for(self._client.fetch_all_metadata(), BROKER_CHECK_SECONDS)
             return True
-        except (KafkaError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, KafkaError, OSError):
             return False
 
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
-def register_common(app) -> None:
+
+def register_common(app: DocflowApp) -> None:
     probe = BrokerProbe(app.settings.bootstrap_servers)
+
+    @app.on_before_shutdown.connect
+    async def close_probe(app_, **kwargs) -> None:
+        await probe.close()
 
     @app.page("/health")
     class Health(View):

@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from pipeline.errors import LocalServerError
+
 
 def fetch_jars(pom: Path, libs: Path, marker_glob: str, error: type[Exception], what: str) -> None:
     """Resolve a pom's dependencies from Maven Central into ``libs`` unless ``marker_glob`` is there already."""
@@ -30,14 +32,21 @@ class LocalJvm:
     """
 
     name: str
+    label: str  # as the command line names it: `docflow LABEL start|stop|status`
+    ready_means: str  # what serving means, as in "did not answer within 90s"
     main_class: str
-    error: type[RuntimeError]
+    error: type[LocalServerError]
     log_files: tuple[str, ...]
     pid_file: Path
     logs_dir: Path
 
     @property
     def identity(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def where(self) -> str:
+        """Where clients reach the server, as the command line shows it."""
         raise NotImplementedError
 
     def serving(self) -> bool:
@@ -60,7 +69,7 @@ class LocalJvm:
     def is_running(self) -> bool:
         return self.pid() is not None
 
-    def launch(self, command: list[str], timeout: float, waiting_for: str) -> None:
+    def launch(self, command: list[str], timeout: float) -> None:
         """Start ``command`` and return once the server is serving; stopped again if it never is."""
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         with open(self.logs_dir / "stdout.log", "ab") as stdout:
@@ -77,7 +86,7 @@ class LocalJvm:
                 if self.serving():
                     return
                 time.sleep(0.5)
-            raise self.error(f"{self.name} did not {waiting_for} within {timeout:.0f}s:\n{self.log_tail()}")
+            raise self.error(f"{self.name} did not {self.ready_means} within {timeout:.0f}s:\n{self.log_tail()}")
         except BaseException:
             self.stop()
             raise

@@ -1,22 +1,18 @@
 """Pages of text → chunks of at most ``chunk_size`` characters, each on one page.
 
-Runs in the chunker's process pool (DESIGN §4): top-level functions and frozen
+Runs in the chunker's process pool (docs/architecture.md): top-level functions and frozen
 dataclasses only, so everything crosses the process boundary by pickling.
 """
 
 from __future__ import annotations
 
 import functools
-import uuid
 from dataclasses import dataclass
 
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-from pipeline.extract import ExtractionError, extract_pages
-
-# Fixed forever: chunk ids derive from it, and a redelivered document must get the same
-# ids so that downstream upserts replace chunks instead of duplicating them.
-CHUNK_ID_NAMESPACE = uuid.UUID("5b0a3c0e-6f8d-4b8e-9a51-2f4c1d7e9b63")
+from pipeline.errors import ExtractionError
+from pipeline.text.extract import extract_pages
 
 
 @dataclass(frozen=True)
@@ -30,10 +26,6 @@ class ChunkText:
 class ChunkedDocument:
     pages: int
     chunks: tuple[ChunkText, ...]
-
-
-def chunk_id(document_id: str, index: int) -> str:
-    return str(uuid.uuid5(CHUNK_ID_NAMESPACE, f"{document_id}:{index}"))
 
 
 def split_pages(pages: list[str], chunk_size: int, chunk_overlap: int) -> tuple[ChunkText, ...]:

@@ -1,6 +1,6 @@
 """A persistent cache of embeddings in RocksDB, and a backend wrapper that consults it first.
 
-Redelivered chunks (at-least-once, DESIGN.md §11) and re-uploaded documents carry texts
+Redelivered chunks (at-least-once) and re-uploaded documents carry texts
 that were embedded before; :class:`CachedBackend` answers those from the cache, so a paid
 or slow backend embeds each distinct text once per vector space.
 
@@ -18,17 +18,12 @@ import hashlib
 from array import array
 from pathlib import Path
 
-from prometheus_client import Counter
 from rocksdict import Options, Rdict, WriteBatch
 
-from pipeline.embedding import EmbeddingBackend, require_strings
-
-embedding_cache_hits_total = Counter(
-    "embedding_cache_hits_total", "Texts whose vector came from the embedding cache.", ["model_name"]
-)
-embedding_cache_misses_total = Counter(
-    "embedding_cache_misses_total", "Texts not in the embedding cache, sent to the backend.", ["model_name"]
-)
+from pipeline import metrics
+from pipeline.embedding import create_backend
+from pipeline.embedding.base import EmbeddingBackend, require_strings
+from pipeline.settings import Settings
 
 
 def cache_path(home: Path, worker: str) -> Path:
@@ -94,6 +89,12 @@ class CachedBackend(EmbeddingBackend):
         self.backend = backend
         self.cache = cache
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CachedBackend:
+        """The configured backend behind this process's own cache folder (RocksDB locks it)."""
+        cache = EmbeddingCache(cache_path(settings.home, f"embedder-{settings.web_port}"))
+        return cls(create_backend(settings), cache)
+
     @property
     def name(self) -> str:  # type: ignore[override]
         return self.backend.name
@@ -120,8 +121,8 @@ class CachedBackend(EmbeddingBackend):
         # dict keeps first-seen order and drops repeats: each missing text is embedded once.
         missing = list(dict.fromkeys(text for text, vector in zip(texts, vectors) if vector is None))
         hits = len(texts) - sum(vector is None for vector in vectors)
-        embedding_cache_hits_total.labels(model_name=self.model).inc(hits)
-        embedding_cache_misses_total.labels(model_name=self.model).inc(len(texts) - hits)
+        metrics.embedding_cache_hits_total.labels(model_name=self.model).inc(hits)
+        metrics.embedding_cache_misses_total.labels(model_name=self.model).inc(len(texts) - hits)
         if missing:
             new_vectors = await self.backend.embed(missing)
             self.cache.put_many(space, missing, new_vectors)

@@ -1,7 +1,7 @@
 """Text per page from an original: PDF (pypdfium2, pypdf as fallback), plain text, Markdown, HTML.
 
 Pure functions with no shared state, so the chunker can run them in a process pool
-(DESIGN §4). Every failure a document can cause comes out as :class:`ExtractionError`,
+(docs/architecture.md, "Where each behaviour lives"). Every failure a document can cause comes out as :class:`ExtractionError`,
 whose message is the reason shown to users; parser exceptions never leak, because a
 parser's own exception may not even survive the trip back from a pool process.
 """
@@ -10,68 +10,17 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 
-SUPPORTED_CONTENT_TYPES = ("application/pdf", "text/plain", "text/markdown", "text/html")
+from pipeline.errors import EncryptedPDFError, ExtractionError
+from pipeline.text.content_types import UTF16_BOMS
+
 PDF_EXTRACTORS = ("pdfium", "pypdf")
 
-PDF_MAGIC = b"%PDF-"
 _ENCRYPTED = "PDF is encrypted (it needs a password to open)"
 _MAX_DETAIL_CHARS = 160
 
-_TYPE_BY_EXTENSION = {
-    ".pdf": "application/pdf",
-    ".txt": "text/plain",
-    ".text": "text/plain",
-    ".md": "text/markdown",
-    ".markdown": "text/markdown",
-    ".htm": "text/html",
-    ".html": "text/html",
-}
-_TYPE_BY_DECLARED = {
-    "application/pdf": "application/pdf",
-    "application/x-pdf": "application/pdf",
-    "text/plain": "text/plain",
-    "text/markdown": "text/markdown",
-    "text/x-markdown": "text/markdown",
-    "text/html": "text/html",
-    "application/xhtml+xml": "text/html",
-}
-# Types that say nothing about the content: clients send them when they do not know.
-_UNKNOWN_DECLARED = {"", "application/octet-stream", "binary/octet-stream", "application/unknown"}
-_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-
 log = logging.getLogger(__name__)
-
-
-class ExtractionError(Exception):
-    """A document docflow cannot get text from; the message is the reason shown to users."""
-
-
-class EncryptedPDFError(ExtractionError):
-    """A PDF that needs a password to open; no extractor can do better, so there is no fallback."""
-
-
-def detect_content_type(filename: str, declared: str | None, head: bytes) -> str | None:
-    """One of SUPPORTED_CONTENT_TYPES, or None when the file is of a type docflow does not read.
-
-    The PDF magic wins over everything; then a known extension, because browsers declare
-    text/plain or octet-stream for .md and .html; then the declared type. A file named
-    .pdf that is not one still counts as a PDF and fails extraction with a readable reason.
-    """
-    if head.startswith(PDF_MAGIC):
-        return "application/pdf"
-    extension = os.path.splitext(filename or "")[1].lower()
-    detected = _TYPE_BY_EXTENSION.get(extension)
-    if detected is None:
-        mime = (declared or "").split(";", 1)[0].strip().lower()
-        if mime not in _UNKNOWN_DECLARED:
-            detected = _TYPE_BY_DECLARED.get(mime)
-    if detected in ("text/plain", "text/markdown", "text/html") and _looks_binary(head):
-        # A zip or an image labelled as text would turn into chunks of mojibake.
-        return None
-    return detected
 
 
 def extract_pages(data: bytes, content_type: str, pdf_extractor: str = "pdfium") -> list[str]:
@@ -123,7 +72,6 @@ def extract_pdf_pages(data: bytes, pdf_extractor: str = "pdfium") -> list[str]:
 
 
 def extract_pdf_with_pdfium(data: bytes) -> list[str]:
-    # imported here: the web process imports this module for detect_content_type alone
     import pypdfium2 as pdfium
 
     try:
@@ -189,7 +137,7 @@ def decode_text(data: bytes) -> str:
     """UTF-8 (BOM or not) or UTF-16 with a BOM; other bytes are read as cp1252, then latin-1."""
     if data.startswith(b"\xef\xbb\xbf"):
         return data[3:].decode("utf-8", errors="replace")
-    if data.startswith(_UTF16_BOMS):
+    if data.startswith(UTF16_BOMS):
         return data.decode("utf-16", errors="replace")
     try:
         return data.decode("utf-8")
@@ -309,10 +257,6 @@ def _strict_utf8(data: bytes) -> str | None:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
-
-
-def _looks_binary(head: bytes) -> bool:
-    return b"\x00" in head and not head.startswith(_UTF16_BOMS)
 
 
 def _pdfium_reason(exc: Exception) -> str:

@@ -4,7 +4,7 @@ It is Hadoop's own MiniDFSCluster, started through ``MiniHadoopClusterManager`` 
 ``hadoop-minicluster``, see ``infra/hadoop/pom.xml``): a real namenode and datanode that
 speak the HDFS RPC and WebHDFS protocols, so the Spark jobs write to it as they would to
 a production cluster. `docflow hdfs start|stop|status` and the tests' fixture both go
-through :class:`LocalHdfs`, as :class:`pipeline.broker.LocalBroker` does for Kafka.
+through :class:`LocalHdfs`, as :class:`pipeline.local.kafka.LocalBroker` does for Kafka.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline import jvm
+from pipeline.errors import HdfsError
+from pipeline.local import jvm
 from pipeline.settings import REPO_ROOT, Settings
 
 POM = REPO_ROOT / "infra" / "hadoop" / "pom.xml"
@@ -26,9 +27,6 @@ NAMENODE_INFO = "/jmx?qry=Hadoop:service=NameNode,name=NameNodeInfo"
 NAMESYSTEM_STATE = "/jmx?qry=Hadoop:service=NameNode,name=FSNamesystemState"
 
 
-class HdfsError(RuntimeError):
-    """The local HDFS could not be fetched, started or stopped."""
-
 
 def fetch_jars(libs: Path) -> None:
     """Resolve the mini cluster's jars from Maven Central into ``libs`` (Maven caches them in ~/.m2)."""
@@ -39,6 +37,8 @@ class LocalHdfs(jvm.LocalJvm):
     """One namenode and one datanode whose state lives under ``settings.hdfs_dir``."""
 
     name = "HDFS"
+    label = "hdfs"
+    ready_means = "take writes"
     main_class = MAIN_CLASS
     error = HdfsError
     log_files = ("hdfs.log", "stdout.log")
@@ -60,6 +60,10 @@ class LocalHdfs(jvm.LocalJvm):
     def http_url(self) -> str:
         """The namenode's web server: its UI, WebHDFS (``/webhdfs/v1``) and JMX."""
         return f"http://127.0.0.1:{self.settings.hdfs_http_port}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.url}, web {self.http_url}"
 
     # -- state -------------------------------------------------------------------------
 
@@ -83,7 +87,7 @@ class LocalHdfs(jvm.LocalJvm):
         fetch_jars(self.settings.hdfs_libs)
         for path in (self.data_dir, self.tmp_dir):
             path.mkdir(parents=True, exist_ok=True)
-        self.launch(self._command(format_storage=not self._formatted()), timeout, "take writes")
+        self.launch(self._command(format_storage=not self._formatted()), timeout)
         return True
 
     def _command(self, format_storage: bool) -> list[str]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
-from pipeline import jvm
+from pipeline.errors import BrokerError
+from pipeline.local import jvm
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.topics import create_topics
 
@@ -25,9 +26,6 @@ LOG4J2_CONFIG = REPO_ROOT / "infra" / "kafka" / "log4j2.properties"
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
 
-
-class BrokerError(RuntimeError):
-    """The local broker could not be fetched, started or stopped."""
 
 
 def fetch_jars(libs: Path) -> None:
@@ -39,6 +37,8 @@ class LocalBroker(jvm.LocalJvm):
     """One KRaft broker+controller process whose state lives under ``settings.kafka_dir``."""
 
     name = "the Kafka broker"
+    label = "kafka"
+    ready_means = "answer"
     main_class = MAIN_CLASS
     error = BrokerError
     log_files = ("server.log", "stdout.log")
@@ -54,6 +54,10 @@ class LocalBroker(jvm.LocalJvm):
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.settings.kafka_port}"
+
+    @property
+    def where(self) -> str:
+        return self.address
 
     @property
     def identity(self) -> Path:
@@ -74,7 +78,7 @@ class LocalBroker(jvm.LocalJvm):
         self._write_config()
         if not (self.data_dir / "meta.properties").exists():
             self._format_storage()
-        self.launch(self._java(MAIN_CLASS, str(self.config_file)), timeout, "answer")
+        self.launch(self._java(MAIN_CLASS, str(self.config_file)), timeout)
         try:
             asyncio.run(create_topics(self.settings))
         except BaseException:

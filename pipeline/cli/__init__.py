@@ -1,0 +1,22 @@
+"""The ``docflow`` command line: one module per command group, gathered here.
+
+Exit codes: 0 success, 1 a document failed, 2 usage error, 3 the service is unreachable.
+"""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli.analytics import analytics
+from pipeline.cli.documents import list_documents, status, upload
+from pipeline.cli.servers import hdfs, kafka
+from pipeline.cli.stack import up, worker
+
+
+@click.group()
+def main() -> None:
+    """docflow: streaming document ingestion on Kafka."""
+
+
+for command in (up, worker, upload, status, list_documents, analytics, kafka, hdfs):
+    main.add_command(command)

@@ -1,0 +1,40 @@
+"""What every command that talks to the web API shares: where it is, how its failures exit.
+
+Exit codes: 0 success, 1 a document failed, 2 usage error (click's own), 3 the service is
+unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import aiohttp
+import click
+
+from pipeline.errors import ApiError
+from pipeline.settings import Settings
+
+EXIT_FAILED = 1
+EXIT_UNREACHABLE = 3
+
+
+def api_url(settings: Settings) -> str:
+    return f"http://{settings.web_host}:{settings.web_port}"
+
+
+def chunks_progress(status: dict) -> str:
+    total = status["chunks_total"]
+    return f"{status['chunks_embedded']}/{total if total is not None else '?'}"
+
+
+def with_api(coroutine_fn):
+    """Run an API call; an unreachable service exits 3, an API refusal exits 1."""
+    try:
+        return asyncio.run(coroutine_fn())
+    except aiohttp.ClientConnectionError as exc:
+        click.echo(f"error: docflow is unreachable: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    except ApiError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE if exc.status == 503 else EXIT_FAILED)

@@ -1,0 +1,87 @@
+"""`docflow up` (the whole local stack in the foreground) and `docflow worker` (one role's process)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from pathlib import Path
+
+import aiohttp
+import click
+
+from pipeline.app import ROLES
+from pipeline.cli.api import EXIT_UNREACHABLE, api_url
+from pipeline.client import DocflowClient
+from pipeline.errors import BrokerError
+from pipeline.local import workers
+from pipeline.local.kafka import LocalBroker
+from pipeline.settings import get_settings
+
+SAMPLE_DOCUMENT = Path(__file__).resolve().parent.parent / "samples" / "welcome.md"
+
+
+def _follow_sample(settings) -> None:
+    """Upload the bundled sample once the web role answers, and report when it completes."""
+
+    async def run() -> None:
+        async with DocflowClient(api_url(settings), "demo") as client:
+            for _ in range(600):
+                try:
+                    if (await client.health()).get("status") == "ok":
+                        break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.5)
+            answer = await client.upload(SAMPLE_DOCUMENT)
+            click.echo(f"sample uploaded: {api_url(settings)}{answer['status_url']}?company_id=demo")
+            status = await client.wait(answer["document_id"])
+            click.echo(
+                f"sample {status['state']}: {status['chunks_embedded']}/{status['chunks_total']} chunks embedded"
+                + (f" ({status['error']})" if status.get("error") else "")
+            )
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:  # the stack keeps running; the user sees why the sample did not finish
+        click.echo(f"sample upload failed: {exc}", err=True)
+
+
+@click.command()
+@click.option("--loglevel", default="warning", show_default=True, help="Log level of the worker processes.")
+@click.option("--sample", is_flag=True, help="Upload a bundled sample document and follow it to completed.")
+def up(loglevel: str, sample: bool) -> None:
+    """Run the local stack in the foreground: broker, web, chunker, embedder. Ctrl-C stops all of it."""
+    settings = get_settings()
+    broker = LocalBroker(settings)
+    try:
+        started = broker.start()
+    except BrokerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    click.echo(f"kafka at {broker.address}")
+    processes = workers.start_roles(settings, loglevel=loglevel)
+    for proc in processes:
+        click.echo(f"{proc.role} worker (pid {proc.process.pid}) on http://{settings.web_host}:{proc.port}")
+    click.echo(f"docflow is starting at {api_url(settings)}  (Ctrl-C stops it)")
+    if sample:
+        threading.Thread(target=_follow_sample, args=(settings,), daemon=True).start()
+    code = workers.supervise(processes)
+    if started:
+        broker.stop()
+    click.echo("docflow stopped")
+    sys.exit(code)
+
+
+@click.command()
+@click.option("--role", type=click.Choice([*ROLES, "all"]), required=True, help="Which agents this process runs.")
+@click.option("--web-port", type=int, default=None, help="Port of this process's web server (overrides DOCFLOW_WEB_PORT).")
+@click.option("--loglevel", default="info", show_default=True)
+def worker(role: str, web_port: int | None, loglevel: str) -> None:
+    """Run one worker process of a role; `all` runs one process per role."""
+    settings = get_settings()
+    if web_port is not None:
+        settings = settings.model_copy(update={"web_port": web_port})
+    if role == "all":
+        sys.exit(workers.supervise(workers.start_roles(settings, loglevel=loglevel)))
+    workers.run_worker(settings, role, loglevel)

@@ -60,7 +60,12 @@ class ExtractionPool:
     async def chunk(self, uploaded: DocumentUploaded, data: bytes, extractor: str) -> ChunkedDocument:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.pool, chunk_document, data, uploaded.content_type, uploaded.chunk_size, uploaded.chunk_overlap,
+            self.pool,
+            chunk_document,
+            data,
+            uploaded.content_type,
+            uploaded.chunk_size,
+            uploaded.chunk_overlap,
             extractor,
         )
 
@@ -85,9 +90,9 @@ async def chunk_batch(app: DocflowApp, pool: ExtractionPool, batch: list[Documen
     downloaded: list[tuple[DocumentUploaded, bytes]] = []
     for uploaded in batch:
         metrics.docproc_messages_consumed_total.labels(app.raw_topic.get_topic_name(), "received").inc()
-        deliveries.append(await app.send_status(
-            uploaded.document_id, uploaded.company_id, "extracting", filename=uploaded.filename,
-        ))
+        deliveries.append(
+            await app.send_status(uploaded.document_id, uploaded.company_id, "extracting", filename=uploaded.filename)
+        )
         data = await _download(app, uploaded, deliveries)
         if data is not None:
             downloaded.append((uploaded, data))
@@ -100,7 +105,9 @@ async def chunk_batch(app: DocflowApp, pool: ExtractionPool, batch: list[Documen
     if any(isinstance(result, BrokenProcessPool) for result in results):
         # One document crashed a pool process; run the batch again one by one to find it.
         pool.rebuild()
-        results = [await _chunk_alone(pool, uploaded, data, app.settings.pdf_extractor) for uploaded, data in downloaded]
+        results = [
+            await _chunk_alone(pool, uploaded, data, app.settings.pdf_extractor) for uploaded, data in downloaded
+        ]
     elapsed = time.perf_counter() - started
 
     for (uploaded, _), result in zip(downloaded, results):
@@ -109,8 +116,13 @@ async def chunk_batch(app: DocflowApp, pool: ExtractionPool, batch: list[Documen
             metrics.docproc_processing_errors_total.labels("extract").inc()
             metrics.docproc_messages_consumed_total.labels(app.raw_topic.get_topic_name(), "failed").inc()
             deliveries += await give_up(
-                app, document_id=uploaded.document_id, company_id=uploaded.company_id,
-                topic=app.raw_topic.get_topic_name(), stage="extract", error=reason, original=uploaded.asdict(),
+                app,
+                document_id=uploaded.document_id,
+                company_id=uploaded.company_id,
+                topic=app.raw_topic.get_topic_name(),
+                stage="extract",
+                error=reason,
+                original=uploaded.asdict(),
             )
             continue
         deliveries += await _emit_chunks(app, uploaded, result)
@@ -129,15 +141,20 @@ async def _download(app: DocflowApp, uploaded: DocumentUploaded, deliveries: lis
     # heartbeats go on), rather than fail the document or acknowledge it unprocessed.
     retrying = AsyncRetrying(
         retry=retry_if_exception(lambda exc: isinstance(exc, StorageError) and not isinstance(exc, ObjectNotFound)),
-        wait=wait_exponential(multiplier=0.5, max=30), before_sleep=before_sleep_log(log, logging.WARNING),
+        wait=wait_exponential(multiplier=0.5, max=30),
+        before_sleep=before_sleep_log(log, logging.WARNING),
     )
     try:
         data = await retrying(_read_original, app, uploaded)
     except (ObjectNotFound, ValueError) as exc:
         deliveries += await give_up(
-            app, document_id=uploaded.document_id, company_id=uploaded.company_id,
-            topic=app.raw_topic.get_topic_name(), stage="download",
-            error=f"the original is not in storage ({exc})", original=uploaded.asdict(),
+            app,
+            document_id=uploaded.document_id,
+            company_id=uploaded.company_id,
+            topic=app.raw_topic.get_topic_name(),
+            stage="download",
+            error=f"the original is not in storage ({exc})",
+            original=uploaded.asdict(),
         )
         return None
     metrics.docproc_s3_download_duration_seconds.observe(time.perf_counter() - started)
@@ -175,14 +192,30 @@ async def _emit_chunks(app: DocflowApp, uploaded: DocumentUploaded, chunked: Chu
     created = now_ms()
     deliveries = []
     for piece in chunked.chunks:
-        deliveries.append(await app.chunks_topic.send(key=uploaded.document_id, value=Chunk(
-            chunk_id=chunk_id(uploaded.document_id, piece.index), document_id=uploaded.document_id,
-            company_id=uploaded.company_id, text=piece.text, page=piece.page, index=piece.index, total=total,
-            created_ms=created,
-        )))
+        deliveries.append(
+            await app.chunks_topic.send(
+                key=uploaded.document_id,
+                value=Chunk(
+                    chunk_id=chunk_id(uploaded.document_id, piece.index),
+                    document_id=uploaded.document_id,
+                    company_id=uploaded.company_id,
+                    text=piece.text,
+                    page=piece.page,
+                    index=piece.index,
+                    total=total,
+                    created_ms=created,
+                ),
+            )
+        )
     metrics.docproc_chunks_produced_total.labels(uploaded.company_id, uploaded.content_type).inc(total)
-    deliveries.append(await app.send_status(
-        uploaded.document_id, uploaded.company_id, "chunked",
-        filename=uploaded.filename, chunks_total=total, pages=chunked.pages,
-    ))
+    deliveries.append(
+        await app.send_status(
+            uploaded.document_id,
+            uploaded.company_id,
+            "chunked",
+            filename=uploaded.filename,
+            chunks_total=total,
+            pages=chunked.pages,
+        )
+    )
     return deliveries

@@ -13,13 +13,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def give_up(app: DocflowApp, *, document_id: str, company_id: str, topic: str, stage: str, error: str,
-                  original: dict, attempts: int = 1) -> list:
+async def give_up(
+    app: DocflowApp,
+    *,
+    document_id: str,
+    company_id: str,
+    topic: str,
+    stage: str,
+    error: str,
+    original: dict,
+    attempts: int = 1,
+) -> list:
     """Send the failure on its way; returns the delivery futures for the caller to await."""
     log.warning("%s gave up on document %s: %s", stage, document_id, error)
     dead = DeadLetter(
-        document_id=document_id, company_id=company_id, topic=topic, stage=stage, error=error,
-        attempts=attempts, failed_ms=now_ms(), original=original,
+        document_id=document_id,
+        company_id=company_id,
+        topic=topic,
+        stage=stage,
+        error=error,
+        attempts=attempts,
+        failed_ms=now_ms(),
+        original=original,
     )
     return [
         await app.dlq_topic.send(key=document_id, value=dead),

@@ -55,8 +55,10 @@ async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Ch
     metrics.embedding_messages_consumed_total.inc(len(batch))
     texts = [chunk.text for chunk in batch]
     retrying = AsyncRetrying(
-        retry=retry_if_exception(_transient), stop=stop_after_attempt(EMBED_ATTEMPTS),
-        wait=wait_exponential(multiplier=0.5, max=8), reraise=True,
+        retry=retry_if_exception(_transient),
+        stop=stop_after_attempt(EMBED_ATTEMPTS),
+        wait=wait_exponential(multiplier=0.5, max=8),
+        reraise=True,
     )
     try:
         vectors = await retrying(backend.embed, texts)
@@ -73,16 +75,33 @@ async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Ch
     by_document: dict[str, list[Chunk]] = defaultdict(list)
     for chunk, vector in zip(batch, vectors):
         by_document[chunk.document_id].append(chunk)
-        deliveries.append(await app.embeddings_topic.send(key=chunk.document_id, value=ChunkEmbedding(
-            chunk_id=chunk.chunk_id, document_id=chunk.document_id, company_id=chunk.company_id, index=chunk.index,
-            vector=vector, model=backend.model, dims=len(vector), created_ms=created,
-        )))
+        deliveries.append(
+            await app.embeddings_topic.send(
+                key=chunk.document_id,
+                value=ChunkEmbedding(
+                    chunk_id=chunk.chunk_id,
+                    document_id=chunk.document_id,
+                    company_id=chunk.company_id,
+                    index=chunk.index,
+                    vector=vector,
+                    model=backend.model,
+                    dims=len(vector),
+                    created_ms=created,
+                ),
+            )
+        )
         metrics.embedding_texts_processed_total.labels(chunk.company_id).inc()
     for document_id, chunks in by_document.items():
-        deliveries.append(await app.send_status(
-            document_id, chunks[0].company_id, "embedding",
-            chunks_total=chunks[0].total, chunks_embedded=len(chunks), chunk_indexes=[c.index for c in chunks],
-        ))
+        deliveries.append(
+            await app.send_status(
+                document_id,
+                chunks[0].company_id,
+                "embedding",
+                chunks_total=chunks[0].total,
+                chunks_embedded=len(chunks),
+                chunk_indexes=[c.index for c in chunks],
+            )
+        )
     await asyncio.gather(*deliveries)
     metrics.embedding_batch_processing_duration_seconds.observe(time.perf_counter() - started)
 
@@ -91,8 +110,13 @@ async def _give_up_on(app: DocflowApp, batch: list[Chunk], reason: str, attempts
     deliveries = []
     for chunk in batch:
         deliveries += await give_up(
-            app, document_id=chunk.document_id, company_id=chunk.company_id,
-            topic=app.chunks_topic.get_topic_name(), stage="embed", error=f"embedding failed: {reason}",
-            original=chunk.asdict(), attempts=attempts,
+            app,
+            document_id=chunk.document_id,
+            company_id=chunk.company_id,
+            topic=app.chunks_topic.get_topic_name(),
+            stage="embed",
+            error=f"embedding failed: {reason}",
+            original=chunk.asdict(),
+            attempts=attempts,
         )
     await asyncio.gather(*deliveries)

@@ -85,7 +85,7 @@ async def baseline(paths: list[Path], backend_name: str, batch_size: int) -> dic
         chunked = chunk_document(data, content_type, settings.chunk_size, settings.chunk_overlap)
         texts = [piece.text for piece in chunked.chunks]
         for start in range(0, len(texts), batch_size):
-            await backend.embed(texts[start:start + batch_size])
+            await backend.embed(texts[start : start + batch_size])
         pages += chunked.pages
         chunks += len(texts)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
@@ -99,6 +99,7 @@ async def run_pipeline(web_url: str, paths: list[Path], concurrency: int = 8) ->
     limit = asyncio.Semaphore(concurrency)
 
     async with DocflowClient(web_url, company, timeout=300) as client:
+
         async def upload(path: Path) -> str:
             async with limit:
                 return (await client.upload(path))["document_id"]
@@ -156,13 +157,19 @@ def rates(run: dict) -> dict:
     return {f"{unit}_per_s": run[unit] / run["seconds"] for unit in ("docs", "pages", "chunks")}
 
 
-def measure(paths: list[Path], args: argparse.Namespace, chunkers: int, embedders: int,
-            latency_document: Path | None, profile_dir: Path | None) -> dict:
+def measure(
+    paths: list[Path],
+    args: argparse.Namespace,
+    chunkers: int,
+    embedders: int,
+    latency_document: Path | None,
+    profile_dir: Path | None,
+) -> dict:
     with LocalStack(args.backend, args.batch_size) as stack:
         stack.workers.launch({"web": 1, "chunker": chunkers, "embedder": embedders})
         # Warm-up: model loads, group joins, the extraction pool's start and the broker's JIT
         # stay out of the figures, as on a stack that has been running for a while.
-        asyncio.run(run_pipeline(stack.web_url, paths[:args.warmup_docs]))
+        asyncio.run(run_pipeline(stack.web_url, paths[: args.warmup_docs]))
         processes = stack.processes()
         meter = CpuMeter({**processes, "benchmark client": os.getpid()})
         meter.start()
@@ -216,9 +223,14 @@ def cpu_markdown(results: dict) -> str:
     for name in names:
         lines.append(f"| CPU: {name} | " + " | ".join(f"{r['cpu_seconds'].get(name, 0):.2f}" for r in runs) + " |")
     if names:
-        lines.append("| CPU: all processes | " + " | ".join(f"{sum(r['cpu_seconds'].values()):.2f}" for r in runs) + " |")
-    for phase, label in (("uploaded", "wall: every upload answered"), ("chunked", "wall: last document chunked"),
-                         ("completed", "wall: last document completed")):
+        lines.append(
+            "| CPU: all processes | " + " | ".join(f"{sum(r['cpu_seconds'].values()):.2f}" for r in runs) + " |"
+        )
+    for phase, label in (
+        ("uploaded", "wall: every upload answered"),
+        ("chunked", "wall: last document chunked"),
+        ("completed", "wall: last document completed"),
+    ):
         lines.append(f"| {label} | " + " | ".join(f"{r['phases_s'][phase]:.2f}" for r in runs) + " |")
     base = results["baseline"]
     lines.append(f"| baseline: CPU, wall | {base['cpu_seconds']:.2f}, {base['seconds']:.2f} |" + " |" * (len(runs) - 1))
@@ -226,10 +238,13 @@ def cpu_markdown(results: dict) -> str:
     if first["cpu_seconds"]:
         spent = sum(first["cpu_seconds"].values())
         cpus = os.cpu_count() or 1
-        lines += ["", f"Where the time went: the {first['chunkers']} chunker / {first['embedders']} embedder pipeline "
-                  f"spent {spent:.2f} CPU seconds on what the baseline did in {base['seconds']:.2f} s "
-                  f"({base['cpu_seconds']:.2f} CPU seconds); with {cpus} CPUs it cannot do better than "
-                  f"{cpus * base['seconds'] / spent:.2f} of the baseline's throughput (it reached {first['ratio']:.2f})."]
+        lines += [
+            "",
+            f"Where the time went: the {first['chunkers']} chunker / {first['embedders']} embedder pipeline "
+            f"spent {spent:.2f} CPU seconds on what the baseline did in {base['seconds']:.2f} s "
+            f"({base['cpu_seconds']:.2f} CPU seconds); with {cpus} CPUs it cannot do better than "
+            f"{cpus * base['seconds'] / spent:.2f} of the baseline's throughput (it reached {first['ratio']:.2f}).",
+        ]
     return "\n".join(lines)
 
 
@@ -239,11 +254,16 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=50, help="documents to generate without a corpus (50)")
     parser.add_argument("--pages", type=int, default=10, help="pages per generated document (10)")
     parser.add_argument("--backend", default="hashing", choices=["hashing", "local"])
-    parser.add_argument("--batch-size", type=int, default=Settings.model_fields["embedding_batch_size"].default,
-                        help="chunks per embedding batch, in the pipeline and the baseline alike")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=Settings.model_fields["embedding_batch_size"].default,
+        help="chunks per embedding batch, in the pipeline and the baseline alike",
+    )
     parser.add_argument("--warmup-docs", type=int, default=20, help="documents uploaded before measuring (20)")
-    parser.add_argument("--latency-runs", type=int, default=20,
-                        help="single 10-page PDF uploads for the idle latency, 0 skips (20)")
+    parser.add_argument(
+        "--latency-runs", type=int, default=20, help="single 10-page PDF uploads for the idle latency, 0 skips (20)"
+    )
     parser.add_argument("--scaling", action="store_true", help="also run 2 chunkers and 2 embedders")
     parser.add_argument("--profile", type=Path, help="folder for py-spy profiles of every worker of the first run")
     parser.add_argument("--url", help="measure a stack already running at this web URL (no CPU figures, no scaling)")
@@ -261,26 +281,37 @@ def main() -> None:
         base.update(rates(base))
         runs = []
         if args.url:
-            asyncio.run(run_pipeline(args.url, paths[:args.warmup_docs]))
+            asyncio.run(run_pipeline(args.url, paths[: args.warmup_docs]))
             run = asyncio.run(run_pipeline(args.url, paths))
             run.update(chunkers="?", embedders="?", cpu_seconds={})
             if args.latency_runs:
                 run["single_document"] = asyncio.run(
-                    single_document_latency(args.url, latency_document, args.latency_runs))
+                    single_document_latency(args.url, latency_document, args.latency_runs)
+                )
             runs.append(run)
         else:
             for n, (chunkers, embedders) in enumerate(LAYOUTS if args.scaling else LAYOUTS[:1]):
                 # The idle latency and the profile are of the first layout only.
-                run = measure(paths, args, chunkers, embedders,
-                              latency_document if n == 0 and args.latency_runs else None,
-                              args.profile if n == 0 else None)
+                run = measure(
+                    paths,
+                    args,
+                    chunkers,
+                    embedders,
+                    latency_document if n == 0 and args.latency_runs else None,
+                    args.profile if n == 0 else None,
+                )
                 run.update(chunkers=chunkers, embedders=embedders)
                 runs.append(run)
         for run in runs:
             run.update(rates(run))
             run["ratio"] = run["chunks_per_s"] / base["chunks_per_s"]
-    results = {"corpus": corpus, "backend": args.backend, "batch_size": args.batch_size, "baseline": base,
-               "pipeline": runs}
+    results = {
+        "corpus": corpus,
+        "backend": args.backend,
+        "batch_size": args.batch_size,
+        "baseline": base,
+        "pipeline": runs,
+    }
     table = markdown(results)
     print(table)
     save(RESULTS_DIR / f"e2e-{args.backend}.json", results, table)

@@ -64,8 +64,12 @@ async def measure_openai(
     finally:
         await backend.close()
     return {
-        "texts": len(texts), "batch": batch, "concurrency": concurrency, "requests": len(server.requests),
-        "max_in_flight": server.max_in_flight, "seconds": round(seconds, 3),
+        "texts": len(texts),
+        "batch": batch,
+        "concurrency": concurrency,
+        "requests": len(server.requests),
+        "max_in_flight": server.max_in_flight,
+        "seconds": round(seconds, 3),
         "texts_per_s": round(len(texts) / seconds, 1),
     }
 
@@ -78,8 +82,13 @@ async def measure_local(texts: list[str], batch_size: int) -> dict:
         seconds = await time_embedding(backend, texts, batch_size)
     finally:
         await backend.close()
-    return {"texts": len(texts), "batch": batch_size, "model": backend.model, "seconds": round(seconds, 3),
-            "texts_per_s": round(len(texts) / seconds, 1)}
+    return {
+        "texts": len(texts),
+        "batch": batch_size,
+        "model": backend.model,
+        "seconds": round(seconds, 3),
+        "texts_per_s": round(len(texts) / seconds, 1),
+    }
 
 
 def markdown_table(results: dict[str, dict], latency_ms: float, ratio: float) -> str:
@@ -120,9 +129,7 @@ async def run(args: argparse.Namespace) -> dict:
             results["local raw backend"] = None
         else:
             # The agent in its own process; this loop only waits for it.
-            results["local embedder agent"] = await asyncio.to_thread(
-                measure_agent, "local", texts, args.local_batch
-            )
+            results["local embedder agent"] = await asyncio.to_thread(measure_agent, "local", texts, args.local_batch)
     return results
 
 
@@ -144,13 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(results, args.latency_ms, ratio)
     print(table)
 
-    save(args.output, {
-        "server_latency_ms": args.latency_ms,
-        "server_dims": args.dims,
-        "text_chars": TEXT_CHARS,
-        "results": results,
-        "openai_batched_over_one_at_a_time": round(ratio, 1),
-    }, table)
+    save(
+        args.output,
+        {
+            "server_latency_ms": args.latency_ms,
+            "server_dims": args.dims,
+            "text_chars": TEXT_CHARS,
+            "results": results,
+            "openai_batched_over_one_at_a_time": round(ratio, 1),
+        },
+        table,
+    )
     return 0
 
 

@@ -26,8 +26,7 @@ async def _produce_and_wait(settings: Settings, texts: list[str], company: str) 
     """Seconds from the first chunk produced to the last embedding read back."""
     document_id = str(uuid.uuid4())
     consumer = AIOKafkaConsumer(
-        EMBEDDINGS_READY.name, bootstrap_servers=settings.bootstrap_servers, group_id=None,
-        auto_offset_reset="latest",
+        EMBEDDINGS_READY.name, bootstrap_servers=settings.bootstrap_servers, group_id=None, auto_offset_reset="latest"
     )
     await consumer.start()
     await consumer.getmany(timeout_ms=500)  # join the topic's end before producing
@@ -36,8 +35,16 @@ async def _produce_and_wait(settings: Settings, texts: list[str], company: str) 
     try:
         started = time.perf_counter()
         for index, text in enumerate(texts):
-            chunk = Chunk(chunk_id=chunk_id(document_id, index), document_id=document_id, company_id=company,
-                          text=text, page=1, index=index, total=len(texts), created_ms=now_ms())
+            chunk = Chunk(
+                chunk_id=chunk_id(document_id, index),
+                document_id=document_id,
+                company_id=company,
+                text=text,
+                page=1,
+                index=index,
+                total=len(texts),
+                created_ms=now_ms(),
+            )
             await producer.send(CHUNKS_PROCESSED.name, chunk.dumps(), key=document_id.encode())
         await producer.flush()
         seen: set[int] = set()
@@ -58,5 +65,9 @@ def measure_agent(backend_name: str, texts: list[str], batch_size: int) -> dict:
         stack.workers.launch({"embedder": 1})
         asyncio.run(_produce_and_wait(stack.settings, texts[:batch_size], "warm-up"))
         elapsed = asyncio.run(_produce_and_wait(stack.settings, texts, "bench"))
-    return {"texts": len(texts), "batch": batch_size, "seconds": round(elapsed, 3),
-            "texts_per_s": round(len(texts) / elapsed, 1)}
+    return {
+        "texts": len(texts),
+        "batch": batch_size,
+        "seconds": round(elapsed, 3),
+        "texts_per_s": round(len(texts) / elapsed, 1),
+    }

@@ -65,18 +65,22 @@ def measure(extract, files: dict[Path, bytes], repeat: int) -> dict:
             pages += len(extracted)
             chars += sum(len(page) for page in extracted)
         best = min(best, time.perf_counter() - started)
-    return {"files": len(files), "pages": pages, "chars": chars, "seconds": round(best, 4),
-            "pages_per_s": round(pages / best, 1) if best else None}
+    return {
+        "files": len(files),
+        "pages": pages,
+        "chars": chars,
+        "seconds": round(best, 4),
+        "pages_per_s": round(pages / best, 1) if best else None,
+    }
 
 
 def markdown_table(results: dict[str, dict], ratio: float | None) -> str:
-    lines = [
-        "| extractor | files | pages | seconds | pages/s | chars |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    lines = ["| extractor | files | pages | seconds | pages/s | chars |", "|---|---:|---:|---:|---:|---:|"]
     for name, result in results.items():
-        lines.append(f"| {name} | {result['files']} | {result['pages']} | {result['seconds']:.3f} "
-                     f"| {result['pages_per_s']:,.1f} | {result['chars']:,} |")
+        lines.append(
+            f"| {name} | {result['files']} | {result['pages']} | {result['seconds']:.3f} "
+            f"| {result['pages_per_s']:,.1f} | {result['chars']:,} |"
+        )
     lines.append(f"\npdfium/pypdf pages/s ratio: {ratio:.1f}x" if ratio else "\npdfium/pypdf ratio: n/a")
     return "\n".join(lines)
 
@@ -116,14 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(results, ratio)
     print(table)
 
-    save(args.output, {
-        "corpus": corpus,
-        "bytes": sum(len(data) for data in files.values()),
-        "skipped": skipped,
-        "repeat": args.repeat,
-        "results": results,
-        "pdfium_over_pypdf_pages_per_s": round(ratio, 2) if ratio else None,
-    }, f"corpus: {corpus}\n\n{table}")
+    save(
+        args.output,
+        {
+            "corpus": corpus,
+            "bytes": sum(len(data) for data in files.values()),
+            "skipped": skipped,
+            "repeat": args.repeat,
+            "results": results,
+            "pdfium_over_pypdf_pages_per_s": round(ratio, 2) if ratio else None,
+        },
+        f"corpus: {corpus}\n\n{table}",
+    )
     return 0
 
 

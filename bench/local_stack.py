@@ -20,10 +20,17 @@ class LocalStack:
         self.settings = Settings(home=home, kafka_port=free_port(), kafka_controller_port=free_port())
         self.broker = LocalBroker(self.settings)
         (home / "logs").mkdir()
-        self.workers = WorkerStack(self.settings, worker_env(
-            self.settings, DOCFLOW_EMBEDDING_BACKEND=backend, DOCFLOW_EMBEDDING_BATCH_SIZE=str(batch_size),
-            DOCFLOW_EMBEDDING_CACHE="false", DOCFLOW_CHUNKER_PROCESSES="0",
-        ), home / "logs")
+        self.workers = WorkerStack(
+            self.settings,
+            worker_env(
+                self.settings,
+                DOCFLOW_EMBEDDING_BACKEND=backend,
+                DOCFLOW_EMBEDDING_BATCH_SIZE=str(batch_size),
+                DOCFLOW_EMBEDDING_CACHE="false",
+                DOCFLOW_CHUNKER_PROCESSES="0",
+            ),
+            home / "logs",
+        )
 
     def __enter__(self) -> LocalStack:
         self.broker.start()

@@ -18,10 +18,18 @@ E2E_HASHING = "python bench/e2e.py --backend hashing --scaling --profile bench/r
 # The sections of BENCHMARKS.md: the table, the JSON naming its machine, a title, the command.
 SECTIONS = (
     ("e2e-hashing.md", "e2e-hashing.json", "End to end, hashing backend", E2E_HASHING),
-    ("profile-hashing/summary.md", "e2e-hashing.json",
-     "Where the workers' CPU goes (py-spy, hashing backend, 1 chunker / 1 embedder)", E2E_HASHING),
-    ("e2e-local.md", "e2e-local.json", "End to end, local model (all-MiniLM-L6-v2)",
-     "python bench/e2e.py --backend local"),
+    (
+        "profile-hashing/summary.md",
+        "e2e-hashing.json",
+        "Where the workers' CPU goes (py-spy, hashing backend, 1 chunker / 1 embedder)",
+        E2E_HASHING,
+    ),
+    (
+        "e2e-local.md",
+        "e2e-local.json",
+        "End to end, local model (all-MiniLM-L6-v2)",
+        "python bench/e2e.py --backend local",
+    ),
     ("extract.md", "extract.json", "PDF extraction: pypdfium2 against pypdf", "python bench/extract.py"),
     ("embed.md", "embed.json", "Embedding backends", "python bench/embed.py"),
 )
@@ -58,8 +66,12 @@ def save(path: Path, results: dict, table: str) -> None:
 
 def write_benchmarks_md(results_dir: Path = RESULTS_DIR, output: Path = BENCHMARKS_MD) -> list[str]:
     """BENCHMARKS.md from the latest tables in ``results_dir``; returns the sections it found none for."""
-    parts = ["# Benchmarks", "",
-             "The latest figures of `make bench`, written by `python bench/report.py` from `bench/results/`.", ""]
+    parts = [
+        "# Benchmarks",
+        "",
+        "The latest figures of `make bench`, written by `python bench/report.py` from `bench/results/`.",
+        "",
+    ]
     missing = []
     for table_name, json_name, title, command in SECTIONS:
         table = results_dir / table_name
@@ -77,8 +89,10 @@ def _measured_on(json_path: Path) -> str:
         found = json.loads(json_path.read_text())["machine"]
     except (OSError, ValueError, KeyError):
         return ""
-    return (f", measured on {found['cpus']} CPUs ({found.get('cpu', 'model not recorded')}), "
-            f"{found['memory_gib']} GiB, {found['system']}, Python {found['python']}")
+    return (
+        f", measured on {found['cpus']} CPUs ({found.get('cpu', 'model not recorded')}), "
+        f"{found['memory_gib']} GiB, {found['system']}, Python {found['python']}"
+    )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,23 @@ def profiled(processes: dict[str, int], folder: Path):
     executable = py_spy()
     spies = {
         name: subprocess.Popen(
-            [executable, "record", "--nonblocking", "--gil", "--subprocesses", "--rate", str(SAMPLES_PER_SECOND),
-             "--format", "raw", "--output", str(folder / f"{name}.folded"), "--pid", str(pid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                executable,
+                "record",
+                "--nonblocking",
+                "--gil",
+                "--subprocesses",
+                "--rate",
+                str(SAMPLES_PER_SECOND),
+                "--format",
+                "raw",
+                "--output",
+                str(folder / f"{name}.folded"),
+                "--pid",
+                str(pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         for name, pid in processes.items()
     }
@@ -101,11 +115,17 @@ def markdown(summaries: dict[str, dict]) -> str:
     lines = []
     for name, summary in summaries.items():
         total = max(summary["samples"], 1)
-        lines += [f"**{name}**: {summary['samples']} samples holding the GIL", "",
-                  "| own samples | % | function |", "|---:|---:|---|"]
+        lines += [
+            f"**{name}**: {summary['samples']} samples holding the GIL",
+            "",
+            "| own samples | % | function |",
+            "|---:|---:|---|",
+        ]
         lines += [f"| {count} | {100 * count / total:.1f} | `{function}` |" for function, count in summary["self"]]
         lines += ["", "| samples below | % | docflow function |", "|---:|---:|---|"]
-        lines += [f"| {count} | {100 * count / total:.1f} | `{function}` |"
-                  for function, count in summary["docflow_inclusive"]]
+        lines += [
+            f"| {count} | {100 * count / total:.1f} | `{function}` |"
+            for function, count in summary["docflow_inclusive"]
+        ]
         lines.append("")
     return "\n".join(lines)

@@ -75,7 +75,8 @@ async def read_company_windows(settings: Settings, company_id: str, timeout: flo
 async def _partitions(settings: Settings, request_timeout_ms: int) -> list[TopicPartition]:
     """The topic's partitions, or none when it does not exist (asking does not create it)."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=request_timeout_ms,
+        bootstrap_servers=settings.bootstrap_servers,
+        request_timeout_ms=request_timeout_ms,
         client_id="docflow-analytics",
     )
     await admin.start()

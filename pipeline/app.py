@@ -49,8 +49,13 @@ class DeadLetteringTopic(faust.Topic):
             company_id = ""
         log.error("undecodable message on %s[%s]@%s: %s", message.topic, message.partition, message.offset, exc)
         letter = records.DeadLetter(
-            document_id=key, company_id=company_id, topic=message.topic, stage="decode",
-            error=f"undecodable message: {exc}", attempts=1, failed_ms=records.now_ms(),
+            document_id=key,
+            company_id=company_id,
+            topic=message.topic,
+            stage="decode",
+            error=f"undecodable message: {exc}",
+            attempts=1,
+            failed_ms=records.now_ms(),
             original={"key": key, "value": value, "partition": message.partition, "offset": message.offset},
         )
         await (await self.app.dlq_topic.send(key=key, value=letter))
@@ -69,8 +74,9 @@ class DocflowApp(faust.App):
     dlq_topic: faust.TopicT
     status_table: Optional[faust.Table] = None
 
-    async def send_status(self, document_id: str, company_id: str, stage: records.DocumentState,
-                          **details) -> asyncio.Future:
+    async def send_status(
+        self, document_id: str, company_id: str, stage: records.DocumentState, **details
+    ) -> asyncio.Future:
         """Send a StatusEvent stamped now; returns its delivery future for the caller to await."""
         return await self.status_topic.send(
             key=document_id, value=records.status_event(document_id, company_id, stage, **details)
@@ -140,7 +146,7 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
         # serialized key to find the owning worker, so it must be the bytes the events were
         # partitioned by (a str key would be serialized as a JSON string, quotes included).
         app.status_table = app.Table(
-            STATUS_TABLE, key_type=bytes, value_type=DocumentStatus, partitions=settings.topic_partitions,
+            STATUS_TABLE, key_type=bytes, value_type=DocumentStatus, partitions=settings.topic_partitions
         )
         status.register(app)
         api.register(app)
@@ -153,4 +159,3 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
 
         embedder.register(app)
     return app
-

@@ -66,7 +66,9 @@ class DocflowClient:
             return await self._json(response)
 
     async def status(self, document_id: str) -> dict:
-        async with self._session.get(f"{self.base_url}/api/v1/documents/{document_id}", headers=self._headers()) as response:
+        async with self._session.get(
+            f"{self.base_url}/api/v1/documents/{document_id}", headers=self._headers()
+        ) as response:
             return await self._json(response)
 
     async def list(self) -> dict:

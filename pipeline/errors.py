@@ -52,7 +52,10 @@ class AnalyticsUnavailable(DocflowError):
 
 
 class RequestError(DocflowError):
-    """A request the web API refuses, with its HTTP status and error code (the JSON error contract of docs/architecture.md, "Web API")."""
+    """A request the web API refuses, with its HTTP status and error code.
+
+    Views answer it as the JSON error contract (docs/architecture.md, "Web API").
+    """
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)

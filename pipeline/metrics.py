@@ -10,9 +10,7 @@ from prometheus_client import Counter, Histogram
 SIZE_BUCKETS = (1e3, 1e4, 1e5, 1e6, 5e6, 1e7, 5e7, 1e8)
 
 # web
-ingest_uploads_total = Counter(
-    "ingest_uploads_total", "Uploaded files.", ["company_id", "content_type", "status"]
-)
+ingest_uploads_total = Counter("ingest_uploads_total", "Uploaded files.", ["company_id", "content_type", "status"])
 ingest_upload_file_size_bytes = Histogram(
     "ingest_upload_file_size_bytes", "Size of uploaded files.", buckets=SIZE_BUCKETS
 )
@@ -33,17 +31,13 @@ docproc_processing_duration_seconds = Histogram(
 docproc_chunks_produced_total = Counter(
     "docproc_chunks_produced_total", "Chunks produced.", ["company_id", "content_type"]
 )
-docproc_processing_errors_total = Counter(
-    "docproc_processing_errors_total", "Processing errors by stage.", ["stage"]
-)
+docproc_processing_errors_total = Counter("docproc_processing_errors_total", "Processing errors by stage.", ["stage"])
 docproc_s3_download_duration_seconds = Histogram(
     "docproc_s3_download_duration_seconds", "Time to read an original from storage."
 )
 
 # embedder
-embedding_messages_consumed_total = Counter(
-    "embedding_messages_consumed_total", "Chunks received by the embedder."
-)
+embedding_messages_consumed_total = Counter("embedding_messages_consumed_total", "Chunks received by the embedder.")
 embedding_batch_processing_duration_seconds = Histogram(
     "embedding_batch_processing_duration_seconds", "Time to embed and emit one batch."
 )

@@ -52,14 +52,18 @@ class Settings(BaseSettings):
     # Web
     web_host: str = Field("127.0.0.1", description="Address the web role listens on.")
     web_port: int = Field(6066, description="Port the web role listens on.")
-    web_canonical_url: str = Field("", description="URL other web workers reach this one at; empty means http://HOST:PORT.")
+    web_canonical_url: str = Field(
+        "", description="URL other web workers reach this one at; empty means http://HOST:PORT."
+    )
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest accepted upload.")
     table_standby_replicas: int = Field(1, ge=0, description="Standby copies of the status table on other web workers.")
 
     # Chunking
     chunk_size: int = Field(1000, ge=1, description="Default chunk size in characters.")
     chunk_overlap: int = Field(200, ge=0, description="Default overlap between chunks in characters.")
-    pdf_extractor: Literal["pdfium", "pypdf"] = Field("pdfium", description="PDF text extractor (pypdf is also the fallback).")
+    pdf_extractor: Literal["pdfium", "pypdf"] = Field(
+        "pdfium", description="PDF text extractor (pypdf is also the fallback)."
+    )
     chunker_processes: int = Field(0, ge=0, description="Extraction processes per chunker worker; 0 means one per CPU.")
     chunker_batch_size: int = Field(8, ge=1, description="Documents handed to the extraction pool at once.")
 
@@ -69,9 +73,13 @@ class Settings(BaseSettings):
     embedding_batch_size: int = Field(32, ge=1, description="Chunks per embedding batch.")
     openai_base_url: str = Field("", description="OpenAI-compatible base URL; empty falls back to OPENAI_BASE_URL.")
     openai_api_key: str = Field("", description="API key; empty falls back to OPENAI_API_KEY.")
-    openai_dimensions: int = Field(0, ge=0, description="Vector size asked of the model (text-embedding-3); 0 means its own.")
+    openai_dimensions: int = Field(
+        0, ge=0, description="Vector size asked of the model (text-embedding-3); 0 means its own."
+    )
     openai_concurrency: int = Field(4, ge=1, description="Embedding requests in flight at once per embedder.")
-    openai_max_retries: int = Field(5, ge=0, description="Retries of a request on 429, 5xx and timeouts (with backoff).")
+    openai_max_retries: int = Field(
+        5, ge=0, description="Retries of a request on 429, 5xx and timeouts (with backoff)."
+    )
     openai_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of one embedding request.")
     embedding_cache: bool = Field(True, description="Cache vectors by sha256 of (model, text) in RocksDB per embedder.")
 

@@ -14,9 +14,7 @@ from pipeline.settings import Settings
 def kafka_settings(tmp_path_factory) -> Settings:
     """Settings of a local broker started for this test session, exactly as `docflow kafka start` does."""
     settings = Settings(
-        home=tmp_path_factory.mktemp("docflow-home"),
-        kafka_port=free_port(),
-        kafka_controller_port=free_port(),
+        home=tmp_path_factory.mktemp("docflow-home"), kafka_port=free_port(), kafka_controller_port=free_port()
     )
     broker = LocalBroker(settings)
     broker.start()

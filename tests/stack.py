@@ -38,7 +38,10 @@ async def wait_all(url: str, company: str, document_ids, timeout: float = 180.0)
 async def read_topic(settings, topic: str, document_ids: set[str], until_count: int, timeout: float = 60.0):
     """Every message on a topic for the given documents, read from the beginning."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=settings.bootstrap_servers, group_id=None, auto_offset_reset="earliest",
+        topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
     await consumer.start()

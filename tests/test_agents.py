@@ -54,22 +54,34 @@ class RecordingApp:
     send_status = DocflowApp.send_status
 
     def __init__(self) -> None:
-        for attr, name in [("embeddings_topic", "embeddings.ready"), ("status_topic", "documents.status"),
-                           ("dlq_topic", "documents.dlq"), ("chunks_topic", "chunks.processed")]:
+        for attr, name in [
+            ("embeddings_topic", "embeddings.ready"),
+            ("status_topic", "documents.status"),
+            ("dlq_topic", "documents.dlq"),
+            ("chunks_topic", "chunks.processed"),
+        ]:
             setattr(self, attr, RecordingTopic(name))
 
 
 def chunks(n: int) -> list[Chunk]:
     return [
-        Chunk(chunk_id=f"c{i}", document_id="doc-1", company_id="acme", text=f"text {i}", page=1, index=i,
-              total=n, created_ms=1)
+        Chunk(
+            chunk_id=f"c{i}",
+            document_id="doc-1",
+            company_id="acme",
+            text=f"text {i}",
+            page=1,
+            index=i,
+            total=n,
+            created_ms=1,
+        )
         for i in range(n)
     ]
 
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(embedder, "wait_exponential", lambda **kwargs: (lambda retry_state: 0))
+    monkeypatch.setattr(embedder, "wait_exponential", lambda **kwargs: lambda retry_state: 0)
 
 
 async def test_transient_embedding_errors_are_retried_then_succeed():

@@ -22,11 +22,7 @@ from pipeline.local.documents import (
 )
 from pipeline.text.chunking import ChunkedDocument, ChunkText, chunk_document, split_pages
 from pipeline.text.content_types import SUPPORTED_CONTENT_TYPES, detect_content_type
-from pipeline.text.extract import (
-    extract_pages,
-    extract_pdf_with_pdfium,
-    extract_pdf_with_pypdf,
-)
+from pipeline.text.extract import extract_pages, extract_pdf_with_pdfium, extract_pdf_with_pypdf
 
 PDF = "application/pdf"
 
@@ -50,7 +46,9 @@ def test_generated_pdf_gives_back_every_word_page_by_page(extractor):
 def test_pdfium_and_pypdf_extract_the_same_words():
     data = make_pdf(lorem_pages(4, 300, seed=2) + ["Parens (like this) and back\\slashes survive."])
 
-    assert [words(p) for p in extract_pages(data, PDF, "pdfium")] == [words(p) for p in extract_pages(data, PDF, "pypdf")]
+    assert [words(p) for p in extract_pages(data, PDF, "pdfium")] == [
+        words(p) for p in extract_pages(data, PDF, "pypdf")
+    ]
 
 
 def test_multi_page_pdf_chunks_carry_their_page_numbers():
@@ -94,7 +92,9 @@ def test_corrupt_pdf_fails_with_readable_reason(extractor):
 
 
 @pytest.mark.parametrize("extractor", ["pdfium", "pypdf"])
-@pytest.mark.parametrize("data", [b"PK\x03\x04" + bytes(200), b"just some words", b"%PDF-"], ids=["zip", "text", "magic-only"])
+@pytest.mark.parametrize(
+    "data", [b"PK\x03\x04" + bytes(200), b"just some words", b"%PDF-"], ids=["zip", "text", "magic-only"]
+)
 def test_bytes_that_are_no_pdf_fail_as_invalid_pdf(extractor, data):
     with pytest.raises(ExtractionError, match="^file is not a valid PDF"):
         extract_pages(data, PDF, pdf_extractor=extractor)
@@ -261,12 +261,16 @@ def test_html_with_only_markup_has_no_text():
         extract_pages(b"<html><head><title>t</title></head><body><script>x()</script> </body></html>", "text/html")
 
 
-@pytest.mark.parametrize("data, expected", [
-    ("\ufeffcafé with a BOM".encode("utf-8"), "café with a BOM"),
-    ("utf-16 café".encode("utf-16"), "utf-16 café"),
-    ("“Windows” quotes – café".encode("cp1252"), "“Windows” quotes – café"),
-    (b"line one\r\nline two\x00", "line one\nline two"),
-], ids=["utf8-bom", "utf16", "cp1252", "crlf-and-nul"])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ("\ufeffcafé with a BOM".encode("utf-8"), "café with a BOM"),
+        ("utf-16 café".encode("utf-16"), "utf-16 café"),
+        ("“Windows” quotes – café".encode("cp1252"), "“Windows” quotes – café"),
+        (b"line one\r\nline two\x00", "line one\nline two"),
+    ],
+    ids=["utf8-bom", "utf16", "cp1252", "crlf-and-nul"],
+)
 def test_text_is_decoded_whatever_its_encoding(data, expected):
     assert extract_pages(data, "text/plain") == [expected]
 
@@ -290,32 +294,38 @@ def test_whitespace_only_text_has_no_text():
 # --- content type detection ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("filename, declared, head, expected", [
-    ("report.pdf", "application/pdf", b"%PDF-1.7", PDF),
-    ("report.PDF", "application/octet-stream", b"%PDF-1.4", PDF),
-    ("report", "application/pdf; name=report", b"%PDF-1.4", PDF),
-    ("upload.bin", None, b"%PDF-1.4", PDF),
-    ("broken.pdf", None, b"not a pdf at all", PDF),
-    ("notes.txt", None, b"hello", "text/plain"),
-    ("notes", "text/plain; charset=utf-8", b"hello", "text/plain"),
-    ("README.md", "text/plain", b"# Title", "text/markdown"),
-    ("notes.markdown", "", b"# Title", "text/markdown"),
-    ("page.htm", "application/octet-stream", b"<html>", "text/html"),
-    ("page", "application/xhtml+xml", b"<html>", "text/html"),
-])
+@pytest.mark.parametrize(
+    "filename, declared, head, expected",
+    [
+        ("report.pdf", "application/pdf", b"%PDF-1.7", PDF),
+        ("report.PDF", "application/octet-stream", b"%PDF-1.4", PDF),
+        ("report", "application/pdf; name=report", b"%PDF-1.4", PDF),
+        ("upload.bin", None, b"%PDF-1.4", PDF),
+        ("broken.pdf", None, b"not a pdf at all", PDF),
+        ("notes.txt", None, b"hello", "text/plain"),
+        ("notes", "text/plain; charset=utf-8", b"hello", "text/plain"),
+        ("README.md", "text/plain", b"# Title", "text/markdown"),
+        ("notes.markdown", "", b"# Title", "text/markdown"),
+        ("page.htm", "application/octet-stream", b"<html>", "text/html"),
+        ("page", "application/xhtml+xml", b"<html>", "text/html"),
+    ],
+)
 def test_supported_type_is_detected(filename, declared, head, expected):
     assert detect_content_type(filename, declared, head) == expected
     assert expected in SUPPORTED_CONTENT_TYPES
 
 
-@pytest.mark.parametrize("filename, declared, head", [
-    ("letter.docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document", b"PK\x03\x04"),
-    ("scan.png", "image/png", b"\x89PNG\r\n\x1a\n"),
-    ("archive.zip", "application/zip", b"PK\x03\x04"),
-    ("blob", "application/octet-stream", b"\x00\x01\x02"),
-    ("blob", None, b"some text"),
-    ("letter.docx", "text/plain", b"PK\x03\x04\x14\x00\x06\x00"),
-])
+@pytest.mark.parametrize(
+    "filename, declared, head",
+    [
+        ("letter.docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document", b"PK\x03\x04"),
+        ("scan.png", "image/png", b"\x89PNG\r\n\x1a\n"),
+        ("archive.zip", "application/zip", b"PK\x03\x04"),
+        ("blob", "application/octet-stream", b"\x00\x01\x02"),
+        ("blob", None, b"some text"),
+        ("letter.docx", "text/plain", b"PK\x03\x04\x14\x00\x06\x00"),
+    ],
+)
 def test_unsupported_type_is_detected(filename, declared, head):
     assert detect_content_type(filename, declared, head) is None
 

@@ -80,7 +80,10 @@ def test_public_view_hides_the_bitmap():
 def test_redelivered_events_after_completion_change_nothing():
     completed = fold_all(HAPPY_PATH)
     status = completed
-    for late in [event("extracting", 90), event("chunked", 91, chunks_total=3, pages=2),
-                 event("embedding", 92, chunk_indexes=[1], chunks_total=3)]:
+    for late in [
+        event("extracting", 90),
+        event("chunked", 91, chunks_total=3, pages=2),
+        event("embedding", 92, chunk_indexes=[1], chunks_total=3),
+    ]:
         status = fold(status, late)
     assert status == completed

@@ -87,8 +87,10 @@ def test_vectors_come_back_exactly_as_stored(cache):
 async def test_cached_vectors_equal_the_servers_exactly(tmp_path):
     texts = [f"chunk {number} of a long report" for number in range(20)]
     async with EmbeddingServer(dims=64) as server:
-        cached = CachedBackend(OpenAIBackend(base_url=server.url, api_key="test-key", max_batch_inputs=8),
-                               EmbeddingCache(tmp_path / "cache"))
+        cached = CachedBackend(
+            OpenAIBackend(base_url=server.url, api_key="test-key", max_batch_inputs=8),
+            EmbeddingCache(tmp_path / "cache"),
+        )
         try:
             from_server = await cached.embed(texts)
             requests_after_first = len(server.requests)
@@ -125,9 +127,10 @@ async def test_vector_spaces_do_not_share_entries(cache):
     assert other_model.calls == [["shared text"]]
     assert EmbeddingCache.key("ab", "c") != EmbeddingCache.key("a", "bc")
     assert EmbeddingCache.key("m", "t") == EmbeddingCache.key("m", "t")
-    assert OpenAIBackend(base_url="http://127.0.0.1:1/v1", dimensions=256).vector_space != OpenAIBackend(
-        base_url="http://127.0.0.1:1/v1", dimensions=512
-    ).vector_space
+    assert (
+        OpenAIBackend(base_url="http://127.0.0.1:1/v1", dimensions=256).vector_space
+        != OpenAIBackend(base_url="http://127.0.0.1:1/v1", dimensions=512).vector_space
+    )
 
 
 async def test_the_wrapper_speaks_for_its_backend_and_closes_both(tmp_path):

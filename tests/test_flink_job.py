@@ -47,8 +47,14 @@ OUTPUT_TIMEOUT = 180.0  # the job's JVM start plus the windows, on a busy 2-core
 
 def _event(company: str, document: str, chunk_id: str, created_ms: int, index: int = 0) -> dict:
     return {
-        "chunk_id": chunk_id, "document_id": document, "company_id": company, "index": index,
-        "vector": [0.5, -0.5, 0.25, 0.0], "model": "test-model", "dims": 4, "created_ms": created_ms,
+        "chunk_id": chunk_id,
+        "document_id": document,
+        "company_id": company,
+        "index": index,
+        "vector": [0.5, -0.5, 0.25, 0.0],
+        "model": "test-model",
+        "dims": 4,
+        "created_ms": created_ms,
     }
 
 
@@ -146,7 +152,10 @@ class AnalyticsReader:
     async def start(self) -> None:
         # Subscribed without a group: every partition from the beginning, nothing committed.
         self.consumer = AIOKafkaConsumer(
-            ANALYTICS_FLINK.name, bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+            ANALYTICS_FLINK.name,
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
             auto_offset_reset="earliest",
         )
         await self.consumer.start()
@@ -170,31 +179,55 @@ class FlinkJob:
     """The job as a subprocess in a session of its own, so its gateway JVM dies with it."""
 
     def __init__(
-        self, bootstrap: str, source_topic: str, starting_offsets: str, workdir: Path, *,
+        self,
+        bootstrap: str,
+        source_topic: str,
+        starting_offsets: str,
+        workdir: Path,
+        *,
         checkpoint_dir: Path | None = None,
-        checkpoint_interval_seconds: float = 10, restore: str = "none", name: str = "job",
+        checkpoint_interval_seconds: float = 10,
+        restore: str = "none",
+        name: str = "job",
     ) -> None:
         self.stdout_path = workdir / f"{name}.out"
         self.log_dir = workdir / f"{name}-logs"
         command = [
-            str(FLINK_PYTHON), str(JOB),
-            "--bootstrap-servers", bootstrap,
-            "--source-topic", source_topic,
-            "--starting-offsets", starting_offsets,
-            "--group-id", f"test-flink-{uuid.uuid4().hex}",
-            "--watermark-seconds", str(WATERMARK_SECONDS),
-            "--idle-timeout-seconds", str(IDLE_TIMEOUT_SECONDS),
-            "--parallelism", "1",
-            "--jvm-heap", "512m",
-            "--checkpoint-dir", str(checkpoint_dir or workdir / "checkpoints"),
-            "--checkpoint-interval-seconds", str(checkpoint_interval_seconds),
-            "--restore", restore,
-            "--log-dir", str(self.log_dir),
+            str(FLINK_PYTHON),
+            str(JOB),
+            "--bootstrap-servers",
+            bootstrap,
+            "--source-topic",
+            source_topic,
+            "--starting-offsets",
+            starting_offsets,
+            "--group-id",
+            f"test-flink-{uuid.uuid4().hex}",
+            "--watermark-seconds",
+            str(WATERMARK_SECONDS),
+            "--idle-timeout-seconds",
+            str(IDLE_TIMEOUT_SECONDS),
+            "--parallelism",
+            "1",
+            "--jvm-heap",
+            "512m",
+            "--checkpoint-dir",
+            str(checkpoint_dir or workdir / "checkpoints"),
+            "--checkpoint-interval-seconds",
+            str(checkpoint_interval_seconds),
+            "--restore",
+            restore,
+            "--log-dir",
+            str(self.log_dir),
         ]
         self.started = time.monotonic()
         with open(self.stdout_path, "wb") as out:
             self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=workdir,
                 start_new_session=True,
             )
         self.running_after: float | None = None
@@ -251,8 +284,10 @@ async def _wait_for(reader: AnalyticsReader, job: FlinkJob, done, timeout: float
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:
-            pytest.fail(f"analytics.flink did not get the expected windows in {timeout:.0f}s: got "
-                        f"{sorted(reader.latest().items())}\n{job.diagnostics()}")
+            pytest.fail(
+                f"analytics.flink did not get the expected windows in {timeout:.0f}s: got "
+                f"{sorted(reader.latest().items())}\n{job.diagnostics()}"
+            )
         job.check_alive()
         await reader.poll(1.0)
 
@@ -292,16 +327,27 @@ def flink_run(kafka_settings, source_topic, tmp_path_factory):
             doc = f"{companies[0]}-doc0"
             marker_start = base + 6 * MINUTE
             after_marker = marker_start + MINUTE
-            await produce(bootstrap, source_topic, [
-                (doc, json.dumps(_event(companies[0], doc, f"{doc}:late", base + 30_000)).encode()),
-                (doc, json.dumps(_event(companies[0], doc, f"{doc}:marker", marker_start + 1_000)).encode()),
-                (doc, json.dumps(_event(companies[0], doc, f"{doc}:after-marker", after_marker + 1_000)).encode()),
-            ])
+            await produce(
+                bootstrap,
+                source_topic,
+                [
+                    (doc, json.dumps(_event(companies[0], doc, f"{doc}:late", base + 30_000)).encode()),
+                    (doc, json.dumps(_event(companies[0], doc, f"{doc}:marker", marker_start + 1_000)).encode()),
+                    (doc, json.dumps(_event(companies[0], doc, f"{doc}:after-marker", after_marker + 1_000)).encode()),
+                ],
+            )
             await asyncio.sleep(1.0)
-            await produce(bootstrap, source_topic, [
-                (doc, json.dumps(_event(companies[0], doc, f"{doc}:marker-straggler", after_marker - 2_000)).encode()),
-                (doc, json.dumps(_event(closer, doc, f"{doc}:closer2", base + 9 * MINUTE)).encode()),
-            ])
+            await produce(
+                bootstrap,
+                source_topic,
+                [
+                    (
+                        doc,
+                        json.dumps(_event(companies[0], doc, f"{doc}:marker-straggler", after_marker - 2_000)).encode(),
+                    ),
+                    (doc, json.dumps(_event(closer, doc, f"{doc}:closer2", base + 9 * MINUTE)).encode()),
+                ],
+            )
             await _wait_for(reader, job, lambda: (companies[0], after_marker) in reader.latest(), OUTPUT_TIMEOUT)
             return {"first_pass": first_pass, "first_output_after": first_output_after, "marker_start": marker_start}
         finally:
@@ -312,11 +358,17 @@ def flink_run(kafka_settings, source_topic, tmp_path_factory):
         job.check_alive()
     finally:
         job.stop()
-    print(f"\nflink job: RUNNING after {job.running_after:.1f}s, first window after "
-          f"{outcome['first_output_after']:.1f}s (process start)")
+    print(
+        f"\nflink job: RUNNING after {job.running_after:.1f}s, first window after "
+        f"{outcome['first_output_after']:.1f}s (process start)"
+    )
     yield {
-        "companies": companies, "base": base, "expected": expected, "job": job,
-        "all_messages": reader.messages, **outcome,
+        "companies": companies,
+        "base": base,
+        "expected": expected,
+        "job": job,
+        "all_messages": reader.messages,
+        **outcome,
     }
 
 
@@ -355,8 +407,12 @@ def test_late_event_is_dropped_straggler_within_bound_counts_and_idle_partitions
 def _docflow(bootstrap: str, *args: str) -> subprocess.CompletedProcess:
     env = {"DOCFLOW_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "analytics", *args], env=env, capture_output=True, text=True,
-        timeout=60, cwd=REPO_ROOT,
+        [sys.executable, "-m", "pipeline.cli", "analytics", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
     )
 
 
@@ -418,8 +474,16 @@ def test_job_killed_and_restarted_resumes_open_windows_from_its_latest_checkpoin
         try:
             await reader.start()
             await produce(bootstrap, source_topic, [(doc, json.dumps(e).encode()) for e in before_crash])
-            job = FlinkJob(bootstrap, source_topic, "earliest", tmp_path, checkpoint_dir=checkpoints,
-                           checkpoint_interval_seconds=2, restore="latest", name="first")
+            job = FlinkJob(
+                bootstrap,
+                source_topic,
+                "earliest",
+                tmp_path,
+                checkpoint_dir=checkpoints,
+                checkpoint_interval_seconds=2,
+                restore="latest",
+                name="first",
+            )
             try:
                 await _wait_for(reader, job, lambda: (company, base) in reader.latest(), OUTPUT_TIMEOUT)
                 window0_seen = time.time()
@@ -432,8 +496,16 @@ def test_job_killed_and_restarted_resumes_open_windows_from_its_latest_checkpoin
             finally:
                 job.crash()
             await produce(bootstrap, source_topic, [(doc, json.dumps(e).encode()) for e in while_down])
-            restarted = FlinkJob(bootstrap, source_topic, "latest", tmp_path, checkpoint_dir=checkpoints,
-                                 checkpoint_interval_seconds=2, restore="latest", name="restarted")
+            restarted = FlinkJob(
+                bootstrap,
+                source_topic,
+                "latest",
+                tmp_path,
+                checkpoint_dir=checkpoints,
+                checkpoint_interval_seconds=2,
+                restore="latest",
+                name="restarted",
+            )
             try:
                 await _wait_for(reader, restarted, lambda: (company, base + MINUTE) in reader.latest(), OUTPUT_TIMEOUT)
                 restarted.check_alive()

@@ -45,7 +45,7 @@ def listening_addresses(pid: int) -> set[tuple[str, int]]:
         except OSError:
             continue
         if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
+            inodes.add(target[len("socket:[") : -1])
     listening = set()
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
@@ -56,7 +56,7 @@ def listening_addresses(pid: int) -> set[tuple[str, int]]:
             address_hex, port_hex = local.split(":")
             raw = bytes.fromhex(address_hex)
             # /proc prints the address as 32-bit words in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             listening.add((socket.inet_ntop(family, raw), int(port_hex, 16)))
     return listening
 
@@ -100,12 +100,18 @@ def test_cli_start_status_stop_leaves_no_jvm_and_keeps_files_across_restarts(tmp
         "DOCFLOW_HDFS_HEAP": "256m",
         "PATH": os.environ["PATH"],  # java and mvn
     }
-    cluster = LocalHdfs(Settings(home=tmp_path, hdfs_namenode_port=int(env["DOCFLOW_HDFS_NAMENODE_PORT"]),
-                                 hdfs_http_port=int(env["DOCFLOW_HDFS_HTTP_PORT"])))
+    cluster = LocalHdfs(
+        Settings(
+            home=tmp_path,
+            hdfs_namenode_port=int(env["DOCFLOW_HDFS_NAMENODE_PORT"]),
+            hdfs_http_port=int(env["DOCFLOW_HDFS_HTTP_PORT"]),
+        )
+    )
 
     def docflow(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", "hdfs", *args], env=env, capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "hdfs", *args], env=env, capture_output=True, text=True, timeout=120
+        )
 
     stopped = docflow("status")
     assert stopped.returncode == 3 and "hdfs stopped" in stopped.stdout

@@ -142,16 +142,19 @@ async def test_retry_after_from_the_server_sets_the_wait(server, make_backend):
 async def test_retries_are_the_clients_own_and_end_in_a_transient_error(server, make_backend):
     server.configure(failure_rate=1.0, failure_statuses=[500], retry_after="0.01")
     backend = make_backend(model="test-embed-500", max_retries=2)
-    errors_before = sample("embedding_openai_api_errors_total", model_name="test-embed-500",
-                           error_type="InternalServerError")
+    errors_before = sample(
+        "embedding_openai_api_errors_total", model_name="test-embed-500", error_type="InternalServerError"
+    )
 
     with pytest.raises(EmbeddingError, match="retries exhausted.*500") as failed:
         await backend.embed(["always fails"])
 
     assert not failed.value.permanent
     assert len(server.requests) == 3  # max_retries=2: exactly what the client was told, nothing more
-    assert sample("embedding_openai_api_errors_total", model_name="test-embed-500",
-                  error_type="InternalServerError") == errors_before + 1
+    assert (
+        sample("embedding_openai_api_errors_total", model_name="test-embed-500", error_type="InternalServerError")
+        == errors_before + 1
+    )
 
     server.reset()
     server.configure(fail_next=1)
@@ -172,8 +175,9 @@ async def test_a_refused_api_key_is_permanent_with_a_readable_message(server, ma
     assert f"server at {server.url} refused the API key (401)" in message
     assert "Incorrect API key provided." in message
     assert len(server.requests) == 1  # a 401 is not retried
-    assert sample("embedding_openai_api_errors_total", model_name="test-embed-401",
-                  error_type="AuthenticationError") == 1
+    assert (
+        sample("embedding_openai_api_errors_total", model_name="test-embed-401", error_type="AuthenticationError") == 1
+    )
 
     server.configure(unauthorized=False)
     assert await backend.embed(["secret"]) == [vector_for("secret")]
@@ -208,7 +212,7 @@ async def test_over_long_inputs_are_truncated_before_sending(server, make_backen
 
     vectors = await backend.embed([long_text, short_text])
 
-    (sent_long, sent_short), = [request.inputs for request in server.requests]
+    ((sent_long, sent_short),) = [request.inputs for request in server.requests]
     assert sent_short == short_text
     assert long_text.startswith(sent_long) and 0 < len(sent_long) < len(long_text)
     assert estimate_tokens(sent_long) <= 10
@@ -263,10 +267,17 @@ async def test_create_backend_builds_the_openai_backend_from_settings(server, tm
     finally:
         await local.close()
 
-    keyed = create_backend(settings(
-        openai_base_url=server.url, openai_api_key="sk-docflow", embedding_model="nomic-embed-text",
-        openai_dimensions=4, openai_concurrency=2, openai_max_retries=1, openai_timeout_seconds=7.5,
-    ))
+    keyed = create_backend(
+        settings(
+            openai_base_url=server.url,
+            openai_api_key="sk-docflow",
+            embedding_model="nomic-embed-text",
+            openai_dimensions=4,
+            openai_concurrency=2,
+            openai_max_retries=1,
+            openai_timeout_seconds=7.5,
+        )
+    )
     try:
         assert (keyed.dims, keyed.concurrency, keyed.max_retries, keyed.timeout) == (4, 2, 1, 7.5)
         assert await keyed.embed(["hello"]) == [vector_for("hello", 4)]

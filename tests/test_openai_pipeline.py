@@ -50,8 +50,10 @@ def unique_corpus(count: int, tag: str) -> list[tuple[str, bytes]]:
     """Documents whose texts no other test uploads, so the embedding cache never answers for them."""
     files = []
     for n in range(count):
-        pages = [f"{tag} document {n} page {p}. " + page for p, page in
-                 enumerate(documents.lorem_pages(3, 250, seed=n), start=1)]
+        pages = [
+            f"{tag} document {n} page {p}. " + page
+            for p, page in enumerate(documents.lorem_pages(3, 250, seed=n), start=1)
+        ]
         files.append((f"{tag}-{n}.pdf", documents.make_pdf(pages)))
     return files
 

@@ -30,9 +30,7 @@ MAX_UPLOAD_BYTES = 1_000_000
 def stack(kafka_settings, tmp_path_factory):
     logs = tmp_path_factory.mktemp("worker-logs")
     env = worker_env(
-        kafka_settings,
-        DOCFLOW_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
-        DOCFLOW_CONSUMER_SESSION_TIMEOUT_SECONDS="10",
+        kafka_settings, DOCFLOW_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES), DOCFLOW_CONSUMER_SESSION_TIMEOUT_SECONDS="10"
     )
     workers = WorkerStack(kafka_settings, env, logs)
     try:
@@ -75,9 +73,7 @@ async def test_twenty_documents_complete_and_every_chunk_is_embedded_exactly_onc
     statuses = await wait_all(stack.of_role("web")[0].url, company, list(uploaded))
     elapsed = time.perf_counter() - started
 
-    expected = {
-        doc: expected_chunk_ids(doc, filename, data) for doc, (filename, data) in uploaded.items()
-    }
+    expected = {doc: expected_chunk_ids(doc, filename, data) for doc, (filename, data) in uploaded.items()}
     for doc, status in statuses.items():
         assert status["state"] == "completed", status
         assert status["chunks_embedded"] == status["chunks_total"] == len(expected[doc])
@@ -158,11 +154,15 @@ async def test_bad_inputs_get_clear_errors_and_workers_go_on(stack, kafka_settin
         image_only = (await client.upload(file("scan.pdf", documents.make_image_only_pdf())))["document_id"]
         titled = await client.upload(file("plain.txt", b"plain words " * 100), title="Plain", tags="a,b")
         refusals = {}
-        for name, data in [("empty.txt", b""), ("big.txt", b"x" * (MAX_UPLOAD_BYTES + 1)), ("sheet.xlsx", b"PK\x03\x04")]:
+        for name, data in [
+            ("empty.txt", b""),
+            ("big.txt", b"x" * (MAX_UPLOAD_BYTES + 1)),
+            ("sheet.xlsx", b"PK\x03\x04"),
+        ]:
             with pytest.raises(ApiError) as refused:
                 await client.upload(file(name, data))
             refusals[name] = (refused.value.status, refused.value.code)
-        good = (await client.upload(file("after.md", documents.make_markdown("ok", ["still working " * 50]))))
+        good = await client.upload(file("after.md", documents.make_markdown("ok", ["still working " * 50])))
         with pytest.raises(ApiError) as unknown:
             await client.status(str(uuid.uuid4()))
 
@@ -218,9 +218,16 @@ async def test_web_role_serves_the_upload_page(stack):
 async def test_every_role_serves_the_seed_metrics(stack):
     names = {
         "web": ["ingest_uploads_total", "ingest_kafka_messages_produced_total", "ingest_upload_file_size_bytes"],
-        "chunker": ["docproc_messages_consumed_total", "docproc_chunks_produced_total", "docproc_s3_download_duration_seconds"],
-        "embedder": ["embedding_messages_consumed_total", "embedding_texts_processed_total",
-                     "embedding_batch_processing_duration_seconds"],
+        "chunker": [
+            "docproc_messages_consumed_total",
+            "docproc_chunks_produced_total",
+            "docproc_s3_download_duration_seconds",
+        ],
+        "embedder": [
+            "embedding_messages_consumed_total",
+            "embedding_texts_processed_total",
+            "embedding_batch_processing_duration_seconds",
+        ],
     }
     async with aiohttp.ClientSession() as session:
         for role, expected in names.items():
@@ -252,7 +259,9 @@ async def test_messages_on_every_topic_match_their_json_schemas(stack, kafka_set
             assert not errors, f"{spec.name}: {errors}"
 
 
-async def test_undecodable_message_goes_to_the_dead_letter_topic_and_the_chunker_goes_on(stack, kafka_settings, tmp_path):
+async def test_undecodable_message_goes_to_the_dead_letter_topic_and_the_chunker_goes_on(
+    stack, kafka_settings, tmp_path
+):
     from aiokafka import AIOKafkaProducer
 
     from pipeline.topics import DOCUMENTS_RAW
@@ -292,8 +301,10 @@ async def test_text_ingestion_completes_with_its_own_chunking_options(stack):
 async def test_waiting_for_many_documents_follows_them_all_through_the_companys_list(stack):
     company = f"many-{uuid.uuid4().hex[:8]}"
     async with DocflowClient(stack.of_role("web")[0].url, company) as client:
-        ids = [(await client.upload_text(f"note {n}: " + documents.lorem_pages(1, 80, seed=n)[0]))["document_id"]
-               for n in range(4)]
+        ids = [
+            (await client.upload_text(f"note {n}: " + documents.lorem_pages(1, 80, seed=n)[0]))["document_id"]
+            for n in range(4)
+        ]
         finished = await client.wait_all(ids, timeout=120, interval=0.1)
     assert set(finished) == set(ids)
     assert {status["state"] for status in finished.values()} == {"completed"}
@@ -312,8 +323,13 @@ def test_cli_uploads_and_follows_documents_with_its_exit_codes(stack, tmp_path):
     bad.write_bytes(documents.corrupt_pdf())
 
     def docflow(*args: str, port_env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=port_env or env,
-                              capture_output=True, text=True, timeout=180)
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env=port_env or env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
 
     done = docflow("upload", str(good), "--company", "cli-co", "--wait")
     assert done.returncode == 0, done.stderr

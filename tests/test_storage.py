@@ -37,7 +37,7 @@ def storage(request):
 
 async def _pieces(data: bytes, size: int):
     for start in range(0, len(data), size):
-        yield data[start:start + size]
+        yield data[start : start + size]
 
 
 async def test_put_get_exists_delete_round_trip(storage):

@@ -1,4 +1,7 @@
-"""The web role's API (docs/architecture.md, "Web API"): upload, text ingestion, a document's status, a company's list."""
+"""The web role's API: upload, text ingestion, a document's status, a company's list.
+
+docs/architecture.md ("Web API") says how the views, the accept path and the errors fit.
+"""
 
 from __future__ import annotations
 
@@ -56,8 +59,7 @@ def admitted_company(request: Request, limit: int, overhead: int) -> str:
 
 def accepted(view: View, document_id: str) -> Response:
     return view.json(
-        {"document_id": document_id, "status": "uploaded", "status_url": f"/api/v1/documents/{document_id}"},
-        status=202,
+        {"document_id": document_id, "status": "uploaded", "status_url": f"/api/v1/documents/{document_id}"}, status=202
     )
 
 
@@ -89,7 +91,9 @@ def register(app: DocflowApp) -> None:
         async def post(self, request: Request) -> Response:
             company_id = admitted_company(request, settings.max_upload_bytes, MAX_FIELD_BYTES)
             if not request.content_type.startswith("multipart/"):
-                raise RequestError(400, "expected_multipart", "send the document as multipart/form-data in a 'file' field")
+                raise RequestError(
+                    400, "expected_multipart", "send the document as multipart/form-data in a 'file' field"
+                )
             reader = await request.multipart()
             fields: dict[str, str] = {}
             received = None
@@ -101,8 +105,12 @@ def register(app: DocflowApp) -> None:
                     if received is not None:
                         raise RequestError(422, "invalid_parameter", "send exactly one file per upload")
                     received = await receive(
-                        app, company_id, part.filename or "document", part.headers.get("Content-Type"),
-                        _part_pieces(part), fields,
+                        app,
+                        company_id,
+                        part.filename or "document",
+                        part.headers.get("Content-Type"),
+                        _part_pieces(part),
+                        fields,
                     )
             except BaseException:
                 if received is not None:
@@ -167,21 +175,21 @@ def register(app: DocflowApp) -> None:
         @api_view
         async def get(self, request: Request) -> Response:
             company_id = company_from(request.query.get("company_id") or request.headers.get("X-Company-ID"))
-            documents = [
-                status.public() for status in table.values() if status.company_id == company_id
-            ]
+            documents = [status.public() for status in table.values() if status.company_id == company_id]
             partial = False
             if request.query.get(LOCAL_ONLY) != "1":
                 peer_documents, partial = await _from_peers(app, company_id)
                 documents.extend(peer_documents)
             documents.sort(key=lambda doc: doc["created_ms"], reverse=True)
-            return self.json({
-                "company_id": company_id,
-                "documents": documents,
-                "count": len(documents),
-                "partial": partial,
-                "stale": bool(app.rebalancing or app.in_recovery),
-            })
+            return self.json(
+                {
+                    "company_id": company_id,
+                    "documents": documents,
+                    "count": len(documents),
+                    "partial": partial,
+                    "stale": bool(app.rebalancing or app.in_recovery),
+                }
+            )
 
 
 async def _from_peers(app: DocflowApp, company_id: str) -> tuple[list[dict], bool]:
@@ -198,7 +206,8 @@ async def _from_peers(app: DocflowApp, company_id: str) -> tuple[list[dict], boo
     async def fetch(peer: str) -> list[dict] | None:
         try:
             async with app.http_client.get(
-                f"{peer}/api/v1/documents", params={"company_id": company_id, LOCAL_ONLY: "1"},
+                f"{peer}/api/v1/documents",
+                params={"company_id": company_id, LOCAL_ONLY: "1"},
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as response:
                 if response.status != 200:

@@ -46,7 +46,8 @@ def company_from(value: str | None) -> str:
         raise RequestError(400, "missing_company_id", "the X-Company-ID header is required")
     if not valid_id(value):
         raise RequestError(
-            400, "invalid_company_id",
+            400,
+            "invalid_company_id",
             "company id must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
     return value
@@ -117,8 +118,10 @@ def check_type(company_id: str, filename: str, declared: str | None, head: bytes
     if content_type is None:
         metrics.ingest_uploads_total.labels(company_id, declared or "unknown", "rejected").inc()
         raise RequestError(
-            415, "unsupported_type",
-            f"{filename!r} ({declared or 'no declared type'}) is not a supported type: PDF, plain text, Markdown or HTML",
+            415,
+            "unsupported_type",
+            f"{filename!r} ({declared or 'no declared type'}) is not a supported type: "
+            "PDF, plain text, Markdown or HTML",
         )
     return content_type
 
@@ -134,8 +137,9 @@ class Received:
     stored: StoredObject
 
 
-async def receive(app: DocflowApp, company_id: str, filename: str, declared: str | None,
-                  pieces: AsyncIterator[bytes], fields: dict) -> Received:
+async def receive(
+    app: DocflowApp, company_id: str, filename: str, declared: str | None, pieces: AsyncIterator[bytes], fields: dict
+) -> Received:
     """Check the type and the options known so far, then store the original under a new document id."""
     filename = sanitize_filename(filename)
     head, pieces = await sniff(pieces)
@@ -162,8 +166,9 @@ async def discard(app: DocflowApp, received: Received) -> None:
         await app.storage.delete(received.stored.key)
 
 
-async def _store(app: DocflowApp, company_id: str, document_id: str, filename: str, content_type: str,
-                 pieces: AsyncIterator[bytes]) -> StoredObject:
+async def _store(
+    app: DocflowApp, company_id: str, document_id: str, filename: str, content_type: str, pieces: AsyncIterator[bytes]
+) -> StoredObject:
     key = object_key(company_id, document_id, filename)
     try:
         return await app.storage.put(key, _limited(pieces, app.settings.max_upload_bytes), content_type)
@@ -182,10 +187,18 @@ async def _announce(app: DocflowApp, received: Received, options: IngestOptions)
     document_id, company_id, stored = received.document_id, received.company_id, received.stored
     status = status_event(document_id, company_id, "uploaded", filename=received.filename)
     uploaded = DocumentUploaded(
-        document_id=document_id, company_id=company_id, s3_path=stored.uri, filename=received.filename,
-        content_type=received.content_type, size_bytes=stored.size_bytes, sha256=stored.sha256,
-        uploaded_ms=status.at_ms, chunk_size=options.chunk_size, chunk_overlap=options.chunk_overlap,
-        title=options.title, tags=options.tags,
+        document_id=document_id,
+        company_id=company_id,
+        s3_path=stored.uri,
+        filename=received.filename,
+        content_type=received.content_type,
+        size_bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        uploaded_ms=status.at_ms,
+        chunk_size=options.chunk_size,
+        chunk_overlap=options.chunk_overlap,
+        title=options.title,
+        tags=options.tags,
     )
     sent_status = False
     try:
@@ -198,10 +211,17 @@ async def _announce(app: DocflowApp, received: Received, options: IngestOptions)
         if sent_status:
             # The status says uploaded: correct it, or the document would wait forever.
             with contextlib.suppress(Exception):
-                await _produce(app.status_topic, document_id, status_event(
-                    document_id, company_id, "failed", filename=received.filename,
-                    error="the document could not be queued for processing; upload it again",
-                ))
+                await _produce(
+                    app.status_topic,
+                    document_id,
+                    status_event(
+                        document_id,
+                        company_id,
+                        "failed",
+                        filename=received.filename,
+                        error="the document could not be queued for processing; upload it again",
+                    ),
+                )
         metrics.ingest_uploads_total.labels(company_id, received.content_type, "kafka_error").inc()
         raise RequestError(503, "broker_unavailable", "the message broker is unavailable; nothing was stored") from exc
     metrics.ingest_uploads_total.labels(company_id, received.content_type, "accepted").inc()

@@ -15,8 +15,12 @@ from pipeline.settings import get_settings
 
 @click.command()
 @click.option("--company", required=True, help="Company id whose windows to show.")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="How many windows, newest first.")
-@click.option("--timeout", type=float, default=15.0, show_default=True, help="Seconds to wait for the broker and the topic.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="How many windows, newest first."
+)
+@click.option(
+    "--timeout", type=float, default=15.0, show_default=True, help="Seconds to wait for the broker and the topic."
+)
 def analytics(company: str, limit: int, timeout: float) -> None:
     """Chunks embedded per minute for a company, from analytics.flink (written by the Flink job)."""
     settings = get_settings()
@@ -36,5 +40,7 @@ def analytics(company: str, limit: int, timeout: float) -> None:
         for line in format_windows(shown):
             click.echo(line)
     if not result.complete:
-        click.echo(f"error: analytics.flink was not read to its end within {timeout:g}s: windows may be missing", err=True)
+        click.echo(
+            f"error: analytics.flink was not read to its end within {timeout:g}s: windows may be missing", err=True
+        )
         sys.exit(EXIT_UNREACHABLE)

@@ -36,8 +36,7 @@ def upload(paths, company, chunk_size, chunk_overlap, title, tags, wait, timeout
                 for path in paths:
                     try:
                         answer = await client.upload(
-                            path, bar.update, chunk_size=chunk_size, chunk_overlap=chunk_overlap, title=title,
-                            tags=tags,
+                            path, bar.update, chunk_size=chunk_size, chunk_overlap=chunk_overlap, title=title, tags=tags
                         )
                     except ApiError as exc:
                         if exc.status == 503:

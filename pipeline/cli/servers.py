@@ -57,4 +57,6 @@ def server_group(server_of: type[LocalJvm], description: str) -> click.Group:
 
 
 kafka = server_group(LocalBroker, "The local Kafka broker (KRaft, single node, data under DOCFLOW_HOME).")
-hdfs = server_group(LocalHdfs, "The local HDFS (namenode and datanode in one JVM, on 127.0.0.1, data under DOCFLOW_HOME).")
+hdfs = server_group(
+    LocalHdfs, "The local HDFS (namenode and datanode in one JVM, on 127.0.0.1, data under DOCFLOW_HOME)."
+)

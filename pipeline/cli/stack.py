@@ -75,7 +75,9 @@ def up(loglevel: str, sample: bool) -> None:
 
 @click.command()
 @click.option("--role", type=click.Choice([*ROLES, "all"]), required=True, help="Which agents this process runs.")
-@click.option("--web-port", type=int, default=None, help="Port of this process's web server (overrides DOCFLOW_WEB_PORT).")
+@click.option(
+    "--web-port", type=int, default=None, help="Port of this process's web server (overrides DOCFLOW_WEB_PORT)."
+)
 @click.option("--loglevel", default="info", show_default=True)
 def worker(role: str, web_port: int | None, loglevel: str) -> None:
     """Run one worker process of a role; `all` runs one process per role."""

@@ -51,8 +51,7 @@ def _load_model(path: Path) -> SentenceTransformer:
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:
             raise EmbeddingError(
-                f"the local backend needs sentence-transformers (pip install 'docflow[local]'): {exc}",
-                permanent=True,
+                f"the local backend needs sentence-transformers (pip install 'docflow[local]'): {exc}", permanent=True
             ) from exc
         # Process-wide: one inference thread uses every CPU the process may run on, no more.
         torch.set_num_threads(_usable_cpus())

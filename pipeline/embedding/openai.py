@@ -166,7 +166,7 @@ class OpenAIBackend(EmbeddingBackend):
         if self._client is None:
             # Created here, in the running loop, because its connection pool belongs to that loop.
             self._client = openai.AsyncOpenAI(
-                api_key=self._api_key, base_url=self.base_url, max_retries=self.max_retries, timeout=self.timeout,
+                api_key=self._api_key, base_url=self.base_url, max_retries=self.max_retries, timeout=self.timeout
             )
         return self._client
 
@@ -211,7 +211,9 @@ class OpenAIBackend(EmbeddingBackend):
             started = time.perf_counter()
             try:
                 response = await client.embeddings.create(
-                    input=batch, model=self.model, encoding_format="float",
+                    input=batch,
+                    model=self.model,
+                    encoding_format="float",
                     **({"dimensions": self.dimensions} if self.dimensions else {}),
                 )
                 vectors = self._vectors_from(response, len(batch))
@@ -237,8 +239,10 @@ class OpenAIBackend(EmbeddingBackend):
         vectors = []
         for item in items:
             vector = item.embedding
-            if not isinstance(vector, list) or not vector or not all(
-                isinstance(value, (float, int)) and not isinstance(value, bool) for value in vector
+            if (
+                not isinstance(vector, list)
+                or not vector
+                or not all(isinstance(value, (float, int)) and not isinstance(value, bool) for value in vector)
             ):
                 raise MalformedEmbeddingResponse(f"embedding {item.index} is not a list of numbers")
             vectors.append([float(value) for value in vector])
@@ -258,13 +262,10 @@ class OpenAIBackend(EmbeddingBackend):
             case openai.AuthenticationError():
                 return EmbeddingError(f"{server} refused the API key (401): {detail}", permanent=True)
             case openai.PermissionDeniedError():
-                return EmbeddingError(
-                    f"{server} denied access to model {self.model!r} (403): {detail}", permanent=True
-                )
+                return EmbeddingError(f"{server} denied access to model {self.model!r} (403): {detail}", permanent=True)
             case openai.NotFoundError():
                 return EmbeddingError(
-                    f"{server} has no model {self.model!r} or no embeddings endpoint (404): {detail}",
-                    permanent=True,
+                    f"{server} has no model {self.model!r} or no embeddings endpoint (404): {detail}", permanent=True
                 )
             case openai.BadRequestError() | openai.UnprocessableEntityError():
                 return EmbeddingError(
@@ -274,8 +275,7 @@ class OpenAIBackend(EmbeddingBackend):
                 return EmbeddingError(f"{server} refused the request ({exc.status_code}): {detail}", permanent=True)
             case openai.APIStatusError():
                 return EmbeddingError(
-                    f"retries exhausted: {server} answered {exc.status_code} to {attempts}: {detail}",
-                    permanent=False,
+                    f"retries exhausted: {server} answered {exc.status_code} to {attempts}: {detail}", permanent=False
                 )
             case openai.APITimeoutError():
                 return EmbeddingError(

@@ -94,8 +94,9 @@ def make_image_only_pdf() -> bytes:
     return _write_pdf([stream], [PAGE_HEIGHT])
 
 
-def make_encrypted_pdf(pages: list[str] | None = None, user_password: str = "secret",
-                       owner_password: str = "owner") -> bytes:
+def make_encrypted_pdf(
+    pages: list[str] | None = None, user_password: str = "secret", owner_password: str = "owner"
+) -> bytes:
     """make_pdf's output encrypted by pypdf; with an empty user password it opens without one."""
     from pypdf import PdfReader, PdfWriter
 

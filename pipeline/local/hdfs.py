@@ -27,7 +27,6 @@ NAMENODE_INFO = "/jmx?qry=Hadoop:service=NameNode,name=NameNodeInfo"
 NAMESYSTEM_STATE = "/jmx?qry=Hadoop:service=NameNode,name=FSNamesystemState"
 
 
-
 def fetch_jars(libs: Path) -> None:
     """Resolve the mini cluster's jars from Maven Central into ``libs`` (Maven caches them in ~/.m2)."""
     jvm.fetch_jars(POM, libs, "hadoop-minicluster-*.jar", HdfsError, "Hadoop")
@@ -113,12 +112,15 @@ class LocalHdfs(jvm.LocalJvm):
             f"-Dlog4j.configuration={LOG4J_CONFIG.as_uri()}",
             f"-Dhadoop.log.dir={self.logs_dir}",
             f"-Dtest.build.data={self.tmp_dir}",
-            "-cp", f"{s.hdfs_libs}/*",
+            "-cp",
+            f"{s.hdfs_libs}/*",
             MAIN_CLASS,
             "-nomr",
             *(["-format"] if format_storage else []),
-            "-nnport", str(s.hdfs_namenode_port),
-            "-nnhttpport", str(s.hdfs_http_port),
+            "-nnport",
+            str(s.hdfs_namenode_port),
+            "-nnhttpport",
+            str(s.hdfs_http_port),
             *[arg for key, value in conf.items() for arg in ("-D", f"{key}={value}")],
         ]
 

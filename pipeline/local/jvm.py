@@ -74,7 +74,10 @@ class LocalJvm:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         with open(self.logs_dir / "stdout.log", "ab") as stdout:
             process = subprocess.Popen(
-                command, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                command,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C in the caller's terminal must not kill it half-way
             )
         self.pid_file.write_text(str(process.pid))

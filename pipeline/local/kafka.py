@@ -27,7 +27,6 @@ MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
 
 
-
 def fetch_jars(libs: Path) -> None:
     """Resolve the broker's jars from Maven Central into ``libs`` (Maven caches them in ~/.m2)."""
     jvm.fetch_jars(POM, libs, "kafka_2.13-*.jar", BrokerError, "Kafka")
@@ -102,8 +101,10 @@ class LocalBroker(jvm.LocalJvm):
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
             f"-Dkafka.logs.dir={self.logs_dir}",
-            "-cp", self._classpath(),
-            main_class, *args,
+            "-cp",
+            self._classpath(),
+            main_class,
+            *args,
         ]
 
     def _write_config(self) -> None:

@@ -178,10 +178,15 @@ class EmbeddingServer:
             status, response = self._answer(body, behaviour)
             inputs = body.get("input")
             with self._lock:
-                self._requests.append(RecordedRequest(
-                    inputs=[inputs] if isinstance(inputs, str) else list(inputs or []),
-                    model=str(body.get("model")), headers=dict(request.headers), body=body, status=status,
-                ))
+                self._requests.append(
+                    RecordedRequest(
+                        inputs=[inputs] if isinstance(inputs, str) else list(inputs or []),
+                        model=str(body.get("model")),
+                        headers=dict(request.headers),
+                        body=body,
+                        status=status,
+                    )
+                )
             if behaviour.delay_ms:
                 await asyncio.sleep(behaviour.delay_ms / 1000)
             return response
@@ -220,10 +225,14 @@ class EmbeddingServer:
         # Out of order on purpose: clients must place vectors by index, not by position.
         data.reverse()
         tokens = sum(len(text.split()) for text in texts)
-        return 200, web.json_response({
-            "object": "list", "data": data, "model": body.get("model"),
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        })
+        return 200, web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
 
     def _pick_failure(self, behaviour: Behaviour) -> int | None:
         with self._lock:
@@ -245,11 +254,9 @@ class EmbeddingServer:
         return await self._get_control(request)
 
     async def _get_control(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "behaviour": self.behaviour.as_json(),
-            "requests": len(self.requests),
-            "max_in_flight": self.max_in_flight,
-        })
+        return web.json_response(
+            {"behaviour": self.behaviour.as_json(), "requests": len(self.requests), "max_in_flight": self.max_in_flight}
+        )
 
 
 def _error(

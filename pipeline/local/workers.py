@@ -143,8 +143,7 @@ class WorkerStack:
         log_path = self.logs / f"{role}-{port}-{len(self.workers)}.log"
         env = dict(self.env, DOCFLOW_WEB_PORT=str(port))
         process = subprocess.Popen(
-            worker_command(role),
-            env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            worker_command(role), env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True
         )
         worker = Worker(role, port, log_path, process)
         self.workers.append(worker)
@@ -187,7 +186,9 @@ class WorkerStack:
             if all(self._owned(role, topic) == set(range(partitions)) for role, topic in inputs.items()):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"roles not balanced in time: { {role: self._owned(role, topic) for role, topic in inputs.items()} }")
+        raise RuntimeError(
+            f"roles not balanced in time: { {role: self._owned(role, topic) for role, topic in inputs.items()} }"
+        )
 
     def _owned(self, role: str, topic: str) -> set[int] | None:
         owned: list[int] = []
@@ -231,13 +232,15 @@ def tail(path: Path, lines: int = 60) -> str:
 
 def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("DOCFLOW_")}
-    env.update({
-        "DOCFLOW_HOME": str(settings.home),
-        "DOCFLOW_KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "DOCFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
-        "DOCFLOW_EMBEDDING_BACKEND": "hashing",
-        "DOCFLOW_CHUNKER_PROCESSES": "2",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "DOCFLOW_HOME": str(settings.home),
+            "DOCFLOW_KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "DOCFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
+            "DOCFLOW_EMBEDDING_BACKEND": "hashing",
+            "DOCFLOW_CHUNKER_PROCESSES": "2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(overrides)
     return env

@@ -15,10 +15,7 @@ from pipeline.storage.base import Body, ObjectStorage, StoredObject
 
 __all__ = ["Body", "ObjectStorage", "StoredObject", "STORAGES", "open_storage", "storage_for_url"]
 
-STORAGES = {
-    "file": "pipeline.storage.file:FileStorage",
-    "s3": "pipeline.storage.s3:S3Storage",
-}
+STORAGES = {"file": "pipeline.storage.file:FileStorage", "s3": "pipeline.storage.s3:S3Storage"}
 
 
 def storage_for_url(url: str, endpoint_url: str = "", region: str = "us-east-1") -> ObjectStorage:

@@ -66,7 +66,7 @@ class S3Storage(ObjectStorage):
         if self.prefix:
             if not name.startswith(self.prefix + "/"):
                 raise ValueError(f"{uri!r} is outside s3://{self.bucket}/{self.prefix}")
-            name = name[len(self.prefix) + 1:]
+            name = name[len(self.prefix) + 1 :]
         return name
 
     async def put(self, key: str, body: Body, content_type: str = "application/octet-stream") -> StoredObject:
@@ -76,6 +76,7 @@ class S3Storage(ObjectStorage):
         buffer = bytearray()
         upload_id = None
         parts: list[dict] = []
+
         async def upload_part(part: bytes) -> None:
             nonlocal upload_id
             if upload_id is None:

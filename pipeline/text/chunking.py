@@ -41,8 +41,9 @@ def split_pages(pages: list[str], chunk_size: int, chunk_overlap: int) -> tuple[
     return tuple(chunks)
 
 
-def chunk_document(data: bytes, content_type: str, chunk_size: int, chunk_overlap: int,
-                   pdf_extractor: str = "pdfium") -> ChunkedDocument:
+def chunk_document(
+    data: bytes, content_type: str, chunk_size: int, chunk_overlap: int, pdf_extractor: str = "pdfium"
+) -> ChunkedDocument:
     """The whole CPU side of the chunker for one original: extract, then split."""
     # Sizes are checked before extracting: a bad request should not cost a PDF parse.
     _checked_sizes(chunk_size, chunk_overlap)

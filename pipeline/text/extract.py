@@ -1,8 +1,8 @@
 """Text per page from an original: PDF (pypdfium2, pypdf as fallback), plain text, Markdown, HTML.
 
-Pure functions with no shared state, so the chunker can run them in a process pool
-(docs/architecture.md, "Where each behaviour lives"). Every failure a document can cause comes out as :class:`ExtractionError`,
-whose message is the reason shown to users; parser exceptions never leak, because a
+Pure functions with no shared state, so the chunker can run them in a process pool.
+Every failure a document can cause comes out as :class:`ExtractionError`, whose message
+is the reason shown to users; parser exceptions never leak, because a
 parser's own exception may not even survive the trip back from a pool process.
 """
 
@@ -153,11 +153,13 @@ def decode_text(data: bytes) -> str:
 
 _DROPPED_TAGS = ("head", "script", "style", "noscript", "template", "iframe", "object", "embed", "svg", "canvas")
 # Elements a browser renders as their own block; their text never runs into a neighbour's.
-_BLOCK_TAGS = frozenset((
-    "address article aside blockquote details dialog dd div dl dt fieldset figcaption figure footer form "
-    "h1 h2 h3 h4 h5 h6 header hgroup hr li main nav ol p pre section summary table tbody thead tfoot tr ul "
-    "caption option legend body html"
-).split())
+_BLOCK_TAGS = frozenset(
+    (
+        "address article aside blockquote details dialog dd div dl dt fieldset figcaption figure footer form "
+        "h1 h2 h3 h4 h5 h6 header hgroup hr li main nav ol p pre section summary table tbody thead tfoot tr ul "
+        "caption option legend body html"
+    ).split()
+)
 _PARAGRAPH_TAGS = frozenset("p h1 h2 h3 h4 h5 h6 blockquote pre table ul ol dl section article header footer".split())
 _CELL_TAGS = frozenset(("td", "th"))
 _PREFORMATTED_TAGS = frozenset(("pre", "textarea", "listing", "plaintext"))

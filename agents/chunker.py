@@ -204,6 +204,9 @@ async def _emit_chunks(app: DocflowApp, uploaded: DocumentUploaded, chunked: Chu
                     index=piece.index,
                     total=total,
                     created_ms=created,
+                    filename=uploaded.filename,
+                    title=uploaded.title,
+                    tags=uploaded.tags,
                 ),
             )
         )

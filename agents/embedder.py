@@ -87,6 +87,11 @@ async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Ch
                     model=backend.model,
                     dims=len(vector),
                     created_ms=created,
+                    text=chunk.text,
+                    page=chunk.page,
+                    filename=chunk.filename,
+                    title=chunk.title,
+                    tags=chunk.tags,
                 ),
             )
         )

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 def register(app: DocflowApp) -> None:
     table = app.status_table
+    # With a vector index, completed means searchable: every chunk indexed, not only embedded.
+    require_indexed = app.settings.index != "none"
 
     # documents.status is keyed by document_id like the table, so each event lands on the
     # partition whose table shard this worker owns.
@@ -19,4 +21,4 @@ def register(app: DocflowApp) -> None:
     async def track_status(events):
         async for event in events:
             key = event.document_id.encode()
-            table[key] = fold(table.get(key), event)
+            table[key] = fold(table.get(key), event, require_indexed)

@@ -6,19 +6,24 @@ import tempfile
 from pathlib import Path
 
 from pipeline.local.kafka import LocalBroker
+from pipeline.local.milvus import LocalMilvus
 from pipeline.local.ports import free_port
 from pipeline.local.workers import WorkerStack, worker_env
 from pipeline.settings import Settings
 
 
 class LocalStack:
-    """A broker and worker processes on free ports under a temporary home, for one measurement."""
+    """A broker (and Milvus, with ``index="milvus"``) and worker processes on free ports under a
+    temporary home, for one measurement. Without an index the pipeline ends at embeddings.ready."""
 
-    def __init__(self, backend: str, batch_size: int) -> None:
+    def __init__(self, backend: str, batch_size: int, index: str = "none") -> None:
         self._home = tempfile.TemporaryDirectory(prefix="docflow-e2e-")
         home = Path(self._home.name)
-        self.settings = Settings(home=home, kafka_port=free_port(), kafka_controller_port=free_port())
+        self.settings = Settings(
+            home=home, kafka_port=free_port(), kafka_controller_port=free_port(), index=index, milvus_port=free_port()
+        )
         self.broker = LocalBroker(self.settings)
+        self.milvus = LocalMilvus(self.settings) if index == "milvus" else None
         (home / "logs").mkdir()
         self.workers = WorkerStack(
             self.settings,
@@ -34,10 +39,14 @@ class LocalStack:
 
     def __enter__(self) -> LocalStack:
         self.broker.start()
+        if self.milvus is not None:
+            self.milvus.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.workers.stop_all()
+        if self.milvus is not None:
+            self.milvus.stop()
         self.broker.stop()
         self._home.cleanup()
 

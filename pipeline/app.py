@@ -23,7 +23,7 @@ from tables.document_status import DocumentStatus
 
 log = logging.getLogger(__name__)
 
-ROLES = ("web", "chunker", "embedder")
+ROLES = ("web", "chunker", "embedder", "indexer")
 STATUS_TABLE = "document_status"
 
 
@@ -150,12 +150,25 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
         )
         status.register(app)
         api.register(app)
+        if settings.index != "none":
+            from web import search
+
+            search.register(app)
     elif role == "chunker":
         from agents import chunker
 
         chunker.register(app)
-    else:
+    elif role == "embedder":
         from agents import embedder
 
         embedder.register(app)
+    else:
+        from agents import indexer
+
+        indexer.register(app)
     return app
+
+
+def active_roles(settings: Settings) -> tuple[str, ...]:
+    """The roles a whole pipeline runs: without a vector index there is nothing to index."""
+    return tuple(role for role in ROLES if role != "indexer" or settings.index != "none")

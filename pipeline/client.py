@@ -77,6 +77,12 @@ class DocflowClient:
         ) as response:
             return await self._json(response)
 
+    async def search(self, query: str, top_k: int = 5, **filters) -> dict:
+        """The company's chunks nearest ``query``: ``{"results": [...], "took_ms"}``."""
+        body = {"query": query, "top_k": top_k, **{name: value for name, value in filters.items() if value is not None}}
+        async with self._session.post(f"{self.base_url}/api/v1/search", json=body, headers=self._headers()) as response:
+            return await self._json(response)
+
     async def health(self) -> dict:
         async with self._session.get(f"{self.base_url}/health") as response:
             return await response.json(content_type=None)

@@ -47,6 +47,22 @@ class HdfsError(LocalServerError):
     """The local HDFS could not be fetched, started or stopped."""
 
 
+class MilvusServerError(LocalServerError):
+    """The local Milvus server could not be started or stopped."""
+
+
+class VectorIndexError(DocflowError):
+    """The vector index refused or failed a request; ``permanent`` says whether retrying can ever succeed.
+
+    Not permanent: the server is unreachable or did not answer in time. Permanent: it
+    refused the request itself (a schema mismatch, a value too long).
+    """
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
 class AnalyticsUnavailable(DocflowError):
     """The broker could not be reached, or did not deliver the analytics topic in time."""
 

@@ -56,3 +56,18 @@ embedding_cache_hits_total = Counter(
 embedding_cache_misses_total = Counter(
     "embedding_cache_misses_total", "Texts not in the embedding cache, sent to the backend.", ["model_name"]
 )
+
+# indexer
+index_chunks_upserted_total = Counter("index_chunks_upserted_total", "Chunks written into the vector index.")
+index_batch_duration_seconds = Histogram(
+    "index_batch_duration_seconds", "Time to upsert one batch into the index and report it."
+)
+index_errors_total = Counter(
+    "index_errors_total", "Failed index writes, by kind (unavailable: retried; refused: permanent).", ["error_type"]
+)
+
+# search (web)
+search_requests_total = Counter("search_requests_total", "Search requests, by outcome.", ["status"])
+search_duration_seconds = Histogram(
+    "search_duration_seconds", "Time to answer a search: embedding the query and searching the index."
+)

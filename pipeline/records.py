@@ -47,6 +47,8 @@ class DocumentUploaded(WireRecord):
 
 
 class Chunk(WireRecord):
+    """One piece of a document's text, with what the index shows of its document (filename, title, tags)."""
+
     chunk_id: str
     document_id: str
     company_id: str
@@ -55,9 +57,18 @@ class Chunk(WireRecord):
     index: int
     total: int
     created_ms: int
+    filename: str = ""
+    title: str = ""
+    tags: list[str] = []
 
 
 class ChunkEmbedding(WireRecord):
+    """A chunk's vector, carrying the chunk's text and document fields on to the indexer.
+
+    The indexer needs them to make a chunk searchable; carried here, it reads one topic and
+    keeps no state, instead of joining embeddings.ready with chunks.processed (docs/architecture.md).
+    """
+
     chunk_id: str
     document_id: str
     company_id: str
@@ -66,10 +77,19 @@ class ChunkEmbedding(WireRecord):
     model: str
     dims: int
     created_ms: int
+    text: str = ""
+    page: int = 0
+    filename: str = ""
+    title: str = ""
+    tags: list[str] = []
 
 
 class StatusEvent(WireRecord):
-    """A stage's word on a document. ``chunk_indexes`` names the chunks an embedding event covers."""
+    """A stage's word on a document.
+
+    ``chunk_indexes`` names the chunks an embedder's event covers, ``indexed_indexes`` the
+    chunks an indexer's event made searchable.
+    """
 
     document_id: str
     company_id: str
@@ -79,6 +99,8 @@ class StatusEvent(WireRecord):
     chunks_total: Optional[int] = None
     chunks_embedded: Optional[int] = None
     chunk_indexes: Optional[list[int]] = None
+    chunks_indexed: Optional[int] = None
+    indexed_indexes: Optional[list[int]] = None
     pages: Optional[int] = None
     error: Optional[str] = None
 

@@ -83,6 +83,16 @@ class Settings(BaseSettings):
     openai_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of one embedding request.")
     embedding_cache: bool = Field(True, description="Cache vectors by sha256 of (model, text) in RocksDB per embedder.")
 
+    # Vector index (Milvus)
+    index: Literal["milvus", "none"] = Field(
+        "milvus", description="Where chunks become searchable; none ends the pipeline at embeddings.ready."
+    )
+    milvus_uri: str = Field("", description="Milvus server (standalone, cluster, Zilliz); empty means the local one.")
+    milvus_token: str = Field("", description="Milvus token (user:password or an API key); empty for none.")
+    milvus_port: int = Field(19530, description="gRPC port of the local Milvus server (milvus-lite).")
+    index_batch_size: int = Field(256, ge=1, description="Embeddings upserted into the index at once.")
+    search_max_query_chars: int = Field(2000, ge=1, description="Longest accepted search query.")
+
     @field_validator("home", "kafka_libs", "hdfs_libs")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
@@ -103,6 +113,14 @@ class Settings(BaseSettings):
     @property
     def hdfs_dir(self) -> Path:
         return self.home / "hdfs"
+
+    @property
+    def milvus_dir(self) -> Path:
+        return self.home / "milvus"
+
+    @property
+    def milvus_address(self) -> str:
+        return self.milvus_uri or f"http://127.0.0.1:{self.milvus_port}"
 
 
 @lru_cache(maxsize=1)

@@ -1,9 +1,10 @@
 """A document's status and the state machine that folds StatusEvents into it.
 
 ``uploaded → extracting → chunked → embedding → completed``, or ``failed``. Events may
-arrive twice or out of order: the state never moves backwards, counts come from the set
-of distinct embedded chunk indexes (a bitmap), and ``completed`` means every index
-below ``chunks_total`` is in it.
+arrive twice or out of order: the state never moves backwards, counts come from the sets
+of distinct embedded and indexed chunk indexes (bitmaps), and ``completed`` means every
+index below ``chunks_total`` is embedded and, where the pipeline has a vector index,
+indexed (searchable).
 """
 
 from __future__ import annotations
@@ -32,22 +33,36 @@ class DocumentStatus(faust.Record, serializer="json", include_metadata=False):
     embedding_ms: Optional[int] = None
     completed_ms: Optional[int] = None
     failed_ms: Optional[int] = None
-    # Embedded chunk indexes as a little-endian bitmap in hex: small, and idempotent under redelivery.
+    chunks_indexed: int = 0
+    # Embedded and indexed chunk indexes as little-endian bitmaps in hex: small, and
+    # idempotent under redelivery.
     embedded_bitmap: str = ""
+    indexed_bitmap: str = ""
 
     def public(self) -> dict:
-        """What the API shows: everything but the bitmap."""
+        """What the API shows: everything but the bitmaps."""
         data = self.asdict()
-        del data["embedded_bitmap"]
+        del data["embedded_bitmap"], data["indexed_bitmap"]
         return data
 
 
-def _bitmap(status: DocumentStatus) -> int:
-    return int(status.embedded_bitmap, 16) if status.embedded_bitmap else 0
+def _with_indexes(bitmap_hex: str, indexes: Optional[list[int]], total: Optional[int]) -> tuple[str, int]:
+    """A chunk bitmap with ``indexes`` added, and how many chunks it holds."""
+    bitmap = int(bitmap_hex, 16) if bitmap_hex else 0
+    for index in indexes or ():
+        if index >= 0:
+            bitmap |= 1 << index
+    if total is not None:
+        bitmap &= (1 << total) - 1  # an index past the total is not a chunk of this document
+    return (format(bitmap, "x") if bitmap else ""), bitmap.bit_count()
 
 
-def fold(status: Optional[DocumentStatus], event: StatusEvent) -> DocumentStatus:
-    """The status after ``event``; ``status`` is None for a document not seen before."""
+def fold(status: Optional[DocumentStatus], event: StatusEvent, require_indexed: bool = False) -> DocumentStatus:
+    """The status after ``event``; ``status`` is None for a document not seen before.
+
+    ``require_indexed``: the pipeline has a vector index, and a document is completed only
+    once every chunk is searchable in it.
+    """
     if status is None:
         status = DocumentStatus(
             document_id=event.document_id,
@@ -72,17 +87,15 @@ def fold(status: Optional[DocumentStatus], event: StatusEvent) -> DocumentStatus
         fields["pages"] = event.pages
     if event.chunks_total is not None:
         fields["chunks_total"] = event.chunks_total
-    bitmap = _bitmap(status)
-    for index in event.chunk_indexes or ():
-        if index >= 0:
-            bitmap |= 1 << index
     total = fields["chunks_total"]
-    if total is not None:
-        bitmap &= (1 << total) - 1  # an index past the total is not a chunk of this document
-    fields["embedded_bitmap"] = format(bitmap, "x") if bitmap else ""
-    fields["chunks_embedded"] = bitmap.bit_count()
+    fields["embedded_bitmap"], fields["chunks_embedded"] = _with_indexes(
+        status.embedded_bitmap, event.chunk_indexes, total
+    )
+    fields["indexed_bitmap"], fields["chunks_indexed"] = _with_indexes(
+        status.indexed_bitmap, event.indexed_indexes, total
+    )
 
-    fields["state"] = _next_state(status, event, fields)
+    fields["state"] = _next_state(status, event, fields, require_indexed)
     if event.stage == "failed" and status.state != "completed":
         fields["error"] = status.error or event.error or "failed without a reason"
     if fields == status.asdict():
@@ -93,18 +106,19 @@ def fold(status: Optional[DocumentStatus], event: StatusEvent) -> DocumentStatus
     return DocumentStatus(**fields)
 
 
-def _next_state(status: DocumentStatus, event: StatusEvent, fields: dict) -> str:
+def _next_state(status: DocumentStatus, event: StatusEvent, fields: dict, require_indexed: bool) -> str:
     if status.state in FINAL_STATES:
         return status.state
     if event.stage in ("failed", "cancelled"):
         return event.stage
     total = fields["chunks_total"]
-    if total is not None and total > 0 and fields["chunks_embedded"] == total:
+    done = fields["chunks_indexed"] if require_indexed else fields["chunks_embedded"]
+    if total is not None and total > 0 and fields["chunks_embedded"] == total and done == total:
         return "completed"
     candidates = [status.state]
     if event.stage in PROGRESS_STATES[:-1]:
         candidates.append(event.stage)
-    if fields["chunks_embedded"]:
+    if fields["chunks_embedded"] or fields["chunks_indexed"]:
         candidates.append("embedding")
     if total is not None:
         candidates.append("chunked")

@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.local.hdfs import LocalHdfs
 from pipeline.local.kafka import LocalBroker
+from pipeline.local.milvus import LocalMilvus
 from pipeline.local.ports import free_port
 from pipeline.settings import Settings
 
@@ -21,6 +22,22 @@ def kafka_settings(tmp_path_factory) -> Settings:
     yield settings
     broker.stop()
     assert not broker.is_running()
+
+
+@pytest.fixture(scope="session")
+def milvus(kafka_settings) -> LocalMilvus:
+    """A local Milvus server started for this test session, exactly as `docflow milvus start` does."""
+    server = LocalMilvus(kafka_settings.model_copy(update={"index": "milvus", "milvus_port": free_port()}))
+    server.start()
+    yield server
+    server.stop()
+    assert not server.is_running()
+
+
+@pytest.fixture(scope="session")
+def milvus_settings(milvus) -> Settings:
+    """The session broker's settings with the session Milvus as the vector index."""
+    return milvus.settings
 
 
 @pytest.fixture(scope="session")

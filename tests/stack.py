@@ -13,7 +13,10 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 
 from pipeline.client import DocflowClient
+from pipeline.ids import chunk_id
+from pipeline.local import documents
 from pipeline.local.workers import WorkerStack
+from pipeline.text.chunking import ChunkText, chunk_document
 
 
 async def upload_all(stack: WorkerStack, company: str, files, tmp_path: Path) -> dict[str, tuple[str, bytes]]:
@@ -61,3 +64,32 @@ async def read_topic(settings, topic: str, document_ids: set[str], until_count: 
     finally:
         await consumer.stop()
     return found
+
+
+def corpus(count: int, seed: int) -> list[tuple[str, bytes]]:
+    """Multi-page PDFs, text, Markdown and HTML, in turn."""
+    files = []
+    for n in range(count):
+        pages = documents.lorem_pages(n_pages=3 + n % 4, words_per_page=350, seed=seed + n)
+        kind = n % 4
+        if kind == 0:
+            files.append((f"report-{n}.pdf", documents.make_pdf(pages)))
+        elif kind == 1:
+            files.append((f"notes-{n}.txt", "\n\n".join(pages).encode()))
+        elif kind == 2:
+            files.append((f"readme-{n}.md", documents.make_markdown(f"Doc {n}", pages)))
+        else:
+            files.append((f"page-{n}.html", documents.make_html(f"Doc {n}", pages)))
+    return files
+
+
+CONTENT_TYPES = {".pdf": "application/pdf", ".txt": "text/plain", ".md": "text/markdown", ".html": "text/html"}
+
+
+def expected_chunks(filename: str, data: bytes) -> tuple[ChunkText, ...]:
+    """The chunks the pipeline makes of a corpus file with the default sizes."""
+    return chunk_document(data, CONTENT_TYPES[Path(filename).suffix], 1000, 200).chunks
+
+
+def expected_chunk_ids(document_id: str, filename: str, data: bytes) -> set[str]:
+    return {chunk_id(document_id, piece.index) for piece in expected_chunks(filename, data)}

@@ -21,7 +21,7 @@ from pipeline.local.workers import ROLE_INPUTS, WorkerStack, worker_env
 from pipeline.settings import REPO_ROOT
 from pipeline.text.chunking import chunk_document
 from pipeline.topics import DOCUMENTS_DLQ, EMBEDDINGS_READY
-from tests.stack import read_topic, upload_all, wait_all
+from tests.stack import corpus, expected_chunk_ids, read_topic, upload_all, wait_all
 
 MAX_UPLOAD_BYTES = 1_000_000
 
@@ -38,31 +38,6 @@ def stack(kafka_settings, tmp_path_factory):
         yield workers
     finally:
         workers.stop_all()
-
-
-def corpus(count: int, seed: int) -> list[tuple[str, bytes]]:
-    """Multi-page PDFs, text, Markdown and HTML, in turn."""
-    files = []
-    for n in range(count):
-        pages = documents.lorem_pages(n_pages=3 + n % 4, words_per_page=350, seed=seed + n)
-        kind = n % 4
-        if kind == 0:
-            files.append((f"report-{n}.pdf", documents.make_pdf(pages)))
-        elif kind == 1:
-            files.append((f"notes-{n}.txt", "\n\n".join(pages).encode()))
-        elif kind == 2:
-            files.append((f"readme-{n}.md", documents.make_markdown(f"Doc {n}", pages)))
-        else:
-            files.append((f"page-{n}.html", documents.make_html(f"Doc {n}", pages)))
-    return files
-
-
-CONTENT_TYPES = {".pdf": "application/pdf", ".txt": "text/plain", ".md": "text/markdown", ".html": "text/html"}
-
-
-def expected_chunk_ids(document_id: str, filename: str, data: bytes) -> set[str]:
-    chunked = chunk_document(data, CONTENT_TYPES[Path(filename).suffix], 1000, 200)
-    return {chunk_id(document_id, piece.index) for piece in chunked.chunks}
 
 
 async def test_twenty_documents_complete_and_every_chunk_is_embedded_exactly_once(stack, kafka_settings, tmp_path):

@@ -57,6 +57,24 @@ def admitted_company(request: Request, limit: int, overhead: int) -> str:
     return company_id
 
 
+async def json_object(request: Request, limit: int) -> dict:
+    """The request's JSON object body, refused (413) past ``limit`` bytes before it is parsed."""
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestError(413, "too_large", f"the request body is larger than the {limit}-byte limit")
+    body = bytearray()
+    while piece := await request.content.read(PIECE_BYTES):
+        body += piece
+        if len(body) > limit:  # a chunked body says no length up front
+            raise RequestError(413, "too_large", f"the request body is larger than the {limit}-byte limit")
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(400, "invalid_json", "the body must be a JSON object") from None
+    if not isinstance(parsed, dict):
+        raise RequestError(400, "invalid_json", "the body must be a JSON object")
+    return parsed
+
+
 def accepted(view: View, document_id: str) -> Response:
     return view.json(
         {"document_id": document_id, "status": "uploaded", "status_url": f"/api/v1/documents/{document_id}"}, status=202
@@ -128,12 +146,7 @@ def register(app: DocflowApp) -> None:
         @api_view
         async def post(self, request: Request) -> Response:
             company_id = admitted_company(request, settings.max_upload_bytes, MAX_TEXT_BYTES_OVERHEAD)
-            try:
-                body = json.loads(await request.read())
-            except (ValueError, UnicodeDecodeError):
-                raise RequestError(400, "invalid_json", "the body must be a JSON object") from None
-            if not isinstance(body, dict):
-                raise RequestError(400, "invalid_json", "the body must be a JSON object")
+            body = await json_object(request, settings.max_upload_bytes + MAX_TEXT_BYTES_OVERHEAD)
             if body.get("company_id", company_id) != company_id:
                 raise RequestError(400, "invalid_company_id", "company_id in the body differs from X-Company-ID")
             text = body.get("text")

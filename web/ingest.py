@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SNIFF_BYTES = 8192
 MAX_TITLE_CHARS = 500
 MAX_TAGS = 50
+MAX_TAG_CHARS = 100
 
 
 @dataclass
@@ -80,8 +81,14 @@ def options_from(raw: dict, defaults_size: int, defaults_overlap: int) -> Ingest
     tags = raw.get("tags") or []
     if isinstance(tags, str):
         tags = [tag.strip() for tag in tags.split(",") if tag.strip()]
-    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags) or len(tags) > MAX_TAGS:
-        raise RequestError(422, "invalid_parameter", f"tags must be a list of at most {MAX_TAGS} strings")
+    if (
+        not isinstance(tags, list)
+        or len(tags) > MAX_TAGS
+        or not all(isinstance(tag, str) and len(tag) <= MAX_TAG_CHARS for tag in tags)
+    ):
+        raise RequestError(
+            422, "invalid_parameter", f"tags must be a list of at most {MAX_TAGS} strings of {MAX_TAG_CHARS} characters"
+        )
     return IngestOptions(size, overlap, title, tags)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import click
 
 from pipeline.cli.analytics import analytics
-from pipeline.cli.documents import list_documents, status, upload
-from pipeline.cli.servers import hdfs, kafka
+from pipeline.cli.documents import list_documents, search, status, upload
+from pipeline.cli.servers import hdfs, kafka, milvus
 from pipeline.cli.stack import up, worker
 
 
@@ -18,5 +18,5 @@ def main() -> None:
     """docflow: streaming document ingestion on Kafka."""
 
 
-for command in (up, worker, upload, status, list_documents, analytics, kafka, hdfs):
+for command in (up, worker, upload, status, list_documents, search, analytics, kafka, hdfs, milvus):
     main.add_command(command)

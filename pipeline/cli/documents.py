@@ -1,9 +1,10 @@
-"""`docflow upload`, `docflow status`, `docflow list`: documents through the web API."""
+"""`docflow upload`, `docflow status`, `docflow list`, `docflow search`: documents through the web API."""
 
 from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import click
@@ -92,3 +93,30 @@ def list_documents(company: str) -> None:
         click.echo(f"{doc['document_id']:36}  {doc['state']:10}  {chunks_progress(doc):>11}  {doc['filename']}")
     if answer.get("partial"):
         click.echo("(partial: a web worker did not answer)", err=True)
+
+
+@click.command()
+@click.argument("query")
+@click.option("--company", required=True, help="Company id whose documents to search.")
+@click.option("--top-k", type=click.IntRange(1, 100), default=5, show_default=True, help="How many chunks.")
+@click.option("--tags", default=None, help="Comma-separated tags: only chunks of documents with one of them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's answer as JSON.")
+def search(query: str, company: str, top_k: int, tags: str | None, as_json: bool) -> None:
+    """Search a company's documents: the chunks nearest QUERY, best first."""
+    settings = get_settings()
+    tag_list = [tag.strip() for tag in tags.split(",") if tag.strip()] if tags else None
+
+    async def run() -> dict:
+        async with DocflowClient(api_url(settings), company) as client:
+            return await client.search(query, top_k, tags=tag_list)
+
+    answer = with_api(run)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    if not answer["results"]:
+        click.echo(f"no chunks found for company {company} ({answer['took_ms']} ms)")
+    for rank, hit in enumerate(answer["results"], start=1):
+        source = hit["title"] or hit["filename"]
+        click.echo(f"{rank}. {hit['score']:.3f}  {source}, page {hit['page']}  ({hit['document_id']})")
+        click.echo(textwrap.indent(textwrap.shorten(hit["text"], 300, placeholder=" ..."), "   "))

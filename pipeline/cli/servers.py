@@ -1,4 +1,4 @@
-"""`docflow kafka|hdfs start|stop|status`: the local servers, one implementation for all of them."""
+"""`docflow kafka|hdfs|milvus start|stop|status`: the local servers, one implementation for all of them."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import click
 from pipeline.cli.api import EXIT_UNREACHABLE
 from pipeline.errors import LocalServerError
 from pipeline.local.hdfs import LocalHdfs
-from pipeline.local.jvm import LocalJvm
 from pipeline.local.kafka import LocalBroker
+from pipeline.local.milvus import LocalMilvus
+from pipeline.local.server import LocalServer
 from pipeline.settings import get_settings
 
 
-def server_group(server_of: type[LocalJvm], description: str) -> click.Group:
+def server_group(server_of: type[LocalServer], description: str) -> click.Group:
     """The start, stop and status commands of one local server."""
     label = server_of.label
 
@@ -59,4 +60,7 @@ def server_group(server_of: type[LocalJvm], description: str) -> click.Group:
 kafka = server_group(LocalBroker, "The local Kafka broker (KRaft, single node, data under DOCFLOW_HOME).")
 hdfs = server_group(
     LocalHdfs, "The local HDFS (namenode and datanode in one JVM, on 127.0.0.1, data under DOCFLOW_HOME)."
+)
+milvus = server_group(
+    LocalMilvus, "The local Milvus (milvus-lite's server on 127.0.0.1, data under DOCFLOW_HOME)."
 )

@@ -13,12 +13,15 @@ import click
 from pipeline.app import ROLES
 from pipeline.cli.api import EXIT_UNREACHABLE, api_url
 from pipeline.client import DocflowClient
-from pipeline.errors import BrokerError
+from pipeline.errors import LocalServerError
 from pipeline.local import workers
 from pipeline.local.kafka import LocalBroker
+from pipeline.local.milvus import LocalMilvus
+from pipeline.local.server import LocalServer
 from pipeline.settings import get_settings
 
 SAMPLE_DOCUMENT = Path(__file__).resolve().parent.parent / "samples" / "welcome.md"
+SAMPLE_QUERY = "how do I follow a document's progress?"
 
 
 def _follow_sample(settings) -> None:
@@ -38,8 +41,13 @@ def _follow_sample(settings) -> None:
             status = await client.wait(answer["document_id"])
             click.echo(
                 f"sample {status['state']}: {status['chunks_embedded']}/{status['chunks_total']} chunks embedded"
+                + (f", {status['chunks_indexed']} indexed" if settings.index != "none" else "")
                 + (f" ({status['error']})" if status.get("error") else "")
             )
+            if status["state"] == "completed" and settings.index != "none":
+                found = await client.search(SAMPLE_QUERY, top_k=1)
+                for hit in found["results"]:
+                    click.echo(f"search {SAMPLE_QUERY!r}: score {hit['score']:.3f}, {hit['text'][:80]!r}")
 
     try:
         asyncio.run(run())
@@ -51,15 +59,24 @@ def _follow_sample(settings) -> None:
 @click.option("--loglevel", default="warning", show_default=True, help="Log level of the worker processes.")
 @click.option("--sample", is_flag=True, help="Upload a bundled sample document and follow it to completed.")
 def up(loglevel: str, sample: bool) -> None:
-    """Run the local stack in the foreground: broker, web, chunker, embedder. Ctrl-C stops all of it."""
+    """Run the local stack in the foreground: broker, Milvus, one worker per role. Ctrl-C stops all of it."""
     settings = get_settings()
-    broker = LocalBroker(settings)
-    try:
-        started = broker.start()
-    except BrokerError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_UNREACHABLE)
-    click.echo(f"kafka at {broker.address}")
+    servers: list[LocalServer] = []
+    if not settings.kafka_bootstrap_servers:
+        servers.append(LocalBroker(settings))
+    if settings.index == "milvus" and not settings.milvus_uri:
+        servers.append(LocalMilvus(settings))
+    started = []
+    for server in servers:
+        try:
+            if server.start():
+                started.append(server)
+        except LocalServerError as exc:
+            click.echo(f"error: {exc}", err=True)
+            for running in reversed(started):
+                running.stop()
+            sys.exit(EXIT_UNREACHABLE)
+        click.echo(f"{server.label} at {server.where}")
     processes = workers.start_roles(settings, loglevel=loglevel)
     for proc in processes:
         click.echo(f"{proc.role} worker (pid {proc.process.pid}) on http://{settings.web_host}:{proc.port}")
@@ -67,8 +84,8 @@ def up(loglevel: str, sample: bool) -> None:
     if sample:
         threading.Thread(target=_follow_sample, args=(settings,), daemon=True).start()
     code = workers.supervise(processes)
-    if started:
-        broker.stop()
+    for server in reversed(started):
+        server.stop()
     click.echo("docflow stopped")
     sys.exit(code)
 

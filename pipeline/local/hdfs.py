@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.errors import HdfsError
 from pipeline.local import jvm
+from pipeline.local.server import LocalServer
 from pipeline.settings import REPO_ROOT, Settings
 
 POM = REPO_ROOT / "infra" / "hadoop" / "pom.xml"
@@ -32,13 +33,13 @@ def fetch_jars(libs: Path) -> None:
     jvm.fetch_jars(POM, libs, "hadoop-minicluster-*.jar", HdfsError, "Hadoop")
 
 
-class LocalHdfs(jvm.LocalJvm):
+class LocalHdfs(LocalServer):
     """One namenode and one datanode whose state lives under ``settings.hdfs_dir``."""
 
     name = "HDFS"
     label = "hdfs"
     ready_means = "take writes"
-    main_class = MAIN_CLASS
+    marker = MAIN_CLASS
     error = HdfsError
     log_files = ("hdfs.log", "stdout.log")
 

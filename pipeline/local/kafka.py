@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 
 from pipeline.errors import BrokerError
 from pipeline.local import jvm
+from pipeline.local.server import LocalServer
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.topics import create_topics
 
@@ -32,13 +33,13 @@ def fetch_jars(libs: Path) -> None:
     jvm.fetch_jars(POM, libs, "kafka_2.13-*.jar", BrokerError, "Kafka")
 
 
-class LocalBroker(jvm.LocalJvm):
+class LocalBroker(LocalServer):
     """One KRaft broker+controller process whose state lives under ``settings.kafka_dir``."""
 
     name = "the Kafka broker"
     label = "kafka"
     ready_means = "answer"
-    main_class = MAIN_CLASS
+    marker = MAIN_CLASS
     error = BrokerError
     log_files = ("server.log", "stdout.log")
 

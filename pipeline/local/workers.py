@@ -20,13 +20,18 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.app import ROLES
+from pipeline.app import ROLES, active_roles
 from pipeline.local.ports import free_port
 from pipeline.settings import Settings
-from pipeline.topics import CHUNKS_PROCESSED, DOCUMENTS_RAW, DOCUMENTS_STATUS
+from pipeline.topics import CHUNKS_PROCESSED, DOCUMENTS_RAW, DOCUMENTS_STATUS, EMBEDDINGS_READY
 
 # The topic whose partitions each role's consumer group shares.
-ROLE_INPUTS = {"web": DOCUMENTS_STATUS.name, "chunker": DOCUMENTS_RAW.name, "embedder": CHUNKS_PROCESSED.name}
+ROLE_INPUTS = {
+    "web": DOCUMENTS_STATUS.name,
+    "chunker": DOCUMENTS_RAW.name,
+    "embedder": CHUNKS_PROCESSED.name,
+    "indexer": EMBEDDINGS_READY.name,
+}
 
 
 def run_worker(settings: Settings, role: str, loglevel: str = "info") -> None:
@@ -66,10 +71,11 @@ def role_ports(settings: Settings) -> dict[str, int]:
     return {role: settings.web_port + offset for offset, role in enumerate(ROLES)}
 
 
-def start_roles(settings: Settings, roles=ROLES, loglevel: str = "info") -> list[RoleProcess]:
+def start_roles(settings: Settings, loglevel: str = "info") -> list[RoleProcess]:
+    """One process of every role the pipeline runs (:func:`pipeline.app.active_roles`)."""
     ports = role_ports(settings)
     started = []
-    for role in roles:
+    for role in active_roles(settings):
         env = dict(os.environ, DOCFLOW_WEB_PORT=str(ports[role]))
         command = worker_command(role, loglevel)
         # Own process group: the terminal's Ctrl-C reaches us, and we stop the workers in order.
@@ -238,6 +244,8 @@ def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
             "DOCFLOW_KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
             "DOCFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
             "DOCFLOW_EMBEDDING_BACKEND": "hashing",
+            "DOCFLOW_INDEX": settings.index,
+            "DOCFLOW_MILVUS_URI": settings.milvus_address,
             "DOCFLOW_CHUNKER_PROCESSES": "2",
             "PYTHONUNBUFFERED": "1",
         }

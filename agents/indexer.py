@@ -1,0 +1,108 @@
+"""The indexer agent: embeddings.ready → the vector index, progress on documents.status.
+
+The indexer is the only writer of the index. Upserts are keyed by chunk id, so a
+redelivered batch replaces what it wrote before. While the index is unreachable the
+batch is retried with backoff for as long as it takes: the partition waits (heartbeats go
+on), and nothing is acknowledged before it is searchable. A request the index refuses
+fails the documents of the batch and dead-letters their messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_exponential
+
+from agents.dead_letters import give_up
+from pipeline import metrics
+from pipeline.errors import VectorIndexError
+from pipeline.index import VectorIndex, open_index
+from pipeline.records import ChunkEmbedding
+
+if TYPE_CHECKING:
+    from pipeline.app import DocflowApp
+
+log = logging.getLogger(__name__)
+
+BATCH_WITHIN_SECONDS = 0.2
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, VectorIndexError) and not exc.permanent
+
+
+def register(app: DocflowApp) -> None:
+    settings = app.settings
+    index = open_index(settings)
+    if index is None:
+        raise ValueError("the indexer role needs a vector index: DOCFLOW_INDEX=none leaves it nothing to do")
+
+    @app.agent(app.embeddings_topic, name="indexer")
+    async def index_embeddings(stream):
+        async for batch in stream.take(settings.index_batch_size, within=BATCH_WITHIN_SECONDS):
+            await index_batch(app, index, batch)
+
+    @app.on_before_shutdown.connect
+    async def close_index(app_, **kwargs) -> None:
+        await index.close()
+
+
+async def index_batch(app: DocflowApp, index: VectorIndex, batch: list[ChunkEmbedding]) -> None:
+    """Upsert one batch; returns once it is searchable and every message it produced is acknowledged."""
+    started = time.perf_counter()
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(_unavailable),
+        wait=wait_exponential(multiplier=0.5, max=15),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+    try:
+        await retrying(_upsert, index, batch)
+    except VectorIndexError as exc:
+        await _give_up_on(app, batch, str(exc))
+        return
+    deliveries = []
+    by_document: dict[str, list[ChunkEmbedding]] = defaultdict(list)
+    for embedding in batch:
+        by_document[embedding.document_id].append(embedding)
+    for document_id, embeddings in by_document.items():
+        deliveries.append(
+            await app.send_status(
+                document_id,
+                embeddings[0].company_id,
+                "embedding",
+                chunks_indexed=len(embeddings),
+                indexed_indexes=[embedding.index for embedding in embeddings],
+            )
+        )
+    await asyncio.gather(*deliveries)
+    metrics.index_chunks_upserted_total.inc(len(batch))
+    metrics.index_batch_duration_seconds.observe(time.perf_counter() - started)
+
+
+async def _upsert(index: VectorIndex, batch: list[ChunkEmbedding]) -> None:
+    """One attempt; each failed one is counted by what went wrong."""
+    try:
+        await index.upsert(batch)
+    except VectorIndexError as exc:
+        metrics.index_errors_total.labels("refused" if exc.permanent else "unavailable").inc()
+        raise
+
+
+async def _give_up_on(app: DocflowApp, batch: list[ChunkEmbedding], reason: str) -> None:
+    deliveries = []
+    for embedding in batch:
+        deliveries += await give_up(
+            app,
+            document_id=embedding.document_id,
+            company_id=embedding.company_id,
+            topic=app.embeddings_topic.get_topic_name(),
+            stage="index",
+            error=f"indexing failed: {reason}",
+            original=embedding.asdict(),
+        )
+    await asyncio.gather(*deliveries)

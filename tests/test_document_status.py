@@ -87,3 +87,38 @@ def test_redelivered_events_after_completion_change_nothing():
     ]:
         status = fold(status, late)
     assert status == completed
+
+
+INDEXED = [
+    event("embedding", 6, chunks_total=3, chunks_indexed=2, indexed_indexes=[0, 1]),
+    event("embedding", 7, chunks_total=3, chunks_indexed=1, indexed_indexes=[2]),
+]
+
+
+def fold_indexed(events):
+    status = None
+    for item in events:
+        status = fold(status, item, require_indexed=True)
+    return status
+
+
+def test_with_an_index_a_document_completes_only_once_every_chunk_is_searchable():
+    embedded = fold_indexed(HAPPY_PATH)
+    assert (embedded.state, embedded.chunks_embedded, embedded.chunks_indexed) == ("embedding", 3, 0)
+    assert fold_indexed(HAPPY_PATH + INDEXED[:1]).state == "embedding"
+    status = fold_indexed(HAPPY_PATH + INDEXED)
+    assert (status.state, status.chunks_indexed, status.completed_ms) == ("completed", 3, 7)
+
+
+def test_indexing_events_in_any_order_and_twice_end_in_the_same_status():
+    events = HAPPY_PATH[2:] + INDEXED + INDEXED[:1]
+    finals = {
+        (s.state, s.chunks_embedded, s.chunks_indexed, s.chunks_total)
+        for s in (fold_indexed(order) for order in itertools.permutations(events))
+    }
+    assert finals == {("completed", 3, 3, 3)}
+
+
+def test_public_view_hides_the_indexed_bitmap_too():
+    public = fold_indexed(HAPPY_PATH + INDEXED).public()
+    assert "indexed_bitmap" not in public and public["chunks_indexed"] == 3

@@ -41,10 +41,25 @@ def register(app: DocflowApp) -> None:
     if index is None:
         raise ValueError("the indexer role needs a vector index: DOCFLOW_INDEX=none leaves it nothing to do")
 
+    last_write = 0.0
+
     @app.agent(app.embeddings_topic, name="indexer")
     async def index_embeddings(stream):
+        nonlocal last_write
         async for batch in stream.take(settings.index_batch_size, within=BATCH_WITHIN_SECONDS):
             await index_batch(app, index, batch)
+            last_write = time.monotonic()
+
+    if settings.index_seal_idle_seconds > 0:
+
+        @app.timer(settings.index_seal_idle_seconds)
+        async def seal_when_idle() -> None:
+            # Sealing costs a second or more: once writes pause, not after every batch.
+            if last_write and time.monotonic() - last_write >= settings.index_seal_idle_seconds:
+                try:
+                    await index.seal()
+                except VectorIndexError as exc:
+                    log.warning("sealing the index failed, retried at the next pause: %s", exc)
 
     @app.on_before_shutdown.connect
     async def close_index(app_, **kwargs) -> None:

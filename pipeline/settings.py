@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     milvus_token: str = Field("", description="Milvus token (user:password or an API key); empty for none.")
     milvus_port: int = Field(19530, description="gRPC port of the local Milvus server (milvus-lite).")
     index_batch_size: int = Field(256, ge=1, description="Embeddings upserted into the index at once.")
+    index_seal_idle_seconds: float = Field(
+        5.0, ge=0, description="Flush what the indexer wrote once it has been idle this long; 0 never."
+    )
     search_max_query_chars: int = Field(2000, ge=1, description="Longest accepted search query.")
 
     @field_validator("home", "kafka_libs", "hdfs_libs")

@@ -61,6 +61,4 @@ kafka = server_group(LocalBroker, "The local Kafka broker (KRaft, single node, d
 hdfs = server_group(
     LocalHdfs, "The local HDFS (namenode and datanode in one JVM, on 127.0.0.1, data under DOCFLOW_HOME)."
 )
-milvus = server_group(
-    LocalMilvus, "The local Milvus (milvus-lite's server on 127.0.0.1, data under DOCFLOW_HOME)."
-)
+milvus = server_group(LocalMilvus, "The local Milvus (milvus-lite's server on 127.0.0.1, data under DOCFLOW_HOME).")

@@ -49,5 +49,8 @@ class VectorIndex(abc.ABC):
     async def count(self, model: str, dims: int, company_id: str | None = None, document_id: str | None = None) -> int:
         """How many chunks of the space (of one company, of one document) the index holds."""
 
+    async def seal(self) -> None:
+        """Make what was written since the last call fast to search (a no-op where writes are)."""
+
     async def close(self) -> None:
         """Release connections."""

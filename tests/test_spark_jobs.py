@@ -77,7 +77,10 @@ class Producer(threading.Thread):
     """
 
     def __init__(
-        self, bootstrap_servers: str, messages: list[tuple[str, str, dict]], pace: float = 0.0,
+        self,
+        bootstrap_servers: str,
+        messages: list[tuple[str, str, dict]],
+        pace: float = 0.0,
         hold_after: int | None = None,
     ):
         super().__init__(daemon=True)
@@ -122,34 +125,86 @@ class Producer(threading.Thread):
 
 def document_events(document_id: str, company_id: str, chunks: int, at_ms: int) -> list[tuple[str, str, dict]]:
     """One document's messages on every topic the pipeline writes, in the order the pipeline writes them."""
-    events = [(DOCUMENTS_RAW.name, document_id, {
-        "document_id": document_id, "company_id": company_id, "s3_path": f"file:///objects/{document_id}",
-        "filename": "a.txt", "content_type": "text/plain", "size_bytes": 10, "sha256": "0" * 64,
-        "uploaded_ms": at_ms, "chunk_size": 1000, "chunk_overlap": 200, "title": "", "tags": [],
-    })]
+    events = [
+        (
+            DOCUMENTS_RAW.name,
+            document_id,
+            {
+                "document_id": document_id,
+                "company_id": company_id,
+                "s3_path": f"file:///objects/{document_id}",
+                "filename": "a.txt",
+                "content_type": "text/plain",
+                "size_bytes": 10,
+                "sha256": "0" * 64,
+                "uploaded_ms": at_ms,
+                "chunk_size": 1000,
+                "chunk_overlap": 200,
+                "title": "",
+                "tags": [],
+            },
+        )
+    ]
     for index in range(chunks):
         chunk_id = f"{document_id}:{index}"
-        events.append((CHUNKS_PROCESSED.name, document_id, {
-            "chunk_id": chunk_id, "document_id": document_id, "company_id": company_id, "text": f"text {index}",
-            "page": 1, "index": index, "total": chunks, "created_ms": at_ms + 1,
-        }))
-    events.append((DOCUMENTS_STATUS.name, document_id, {
-        "document_id": document_id, "company_id": company_id, "stage": "chunked", "at_ms": at_ms + 2,
-        "chunks_total": chunks,
-    }))
+        events.append(
+            (
+                CHUNKS_PROCESSED.name,
+                document_id,
+                {
+                    "chunk_id": chunk_id,
+                    "document_id": document_id,
+                    "company_id": company_id,
+                    "text": f"text {index}",
+                    "page": 1,
+                    "index": index,
+                    "total": chunks,
+                    "created_ms": at_ms + 1,
+                },
+            )
+        )
+    events.append(
+        (
+            DOCUMENTS_STATUS.name,
+            document_id,
+            {
+                "document_id": document_id,
+                "company_id": company_id,
+                "stage": "chunked",
+                "at_ms": at_ms + 2,
+                "chunks_total": chunks,
+            },
+        )
+    )
     for index in range(chunks):
         events.append((EMBEDDINGS_READY.name, document_id, embedding(document_id, company_id, index, at_ms + 3)))
-    events.append((DOCUMENTS_STATUS.name, document_id, {
-        "document_id": document_id, "company_id": company_id, "stage": "completed", "at_ms": at_ms + 4,
-        "chunks_total": chunks, "chunks_embedded": chunks,
-    }))
+    events.append(
+        (
+            DOCUMENTS_STATUS.name,
+            document_id,
+            {
+                "document_id": document_id,
+                "company_id": company_id,
+                "stage": "completed",
+                "at_ms": at_ms + 4,
+                "chunks_total": chunks,
+                "chunks_embedded": chunks,
+            },
+        )
+    )
     return events
 
 
 def embedding(document_id: str, company_id: str, index: int, created_ms: int) -> dict:
     return {
-        "chunk_id": f"{document_id}:{index}", "document_id": document_id, "company_id": company_id,
-        "index": index, "vector": [0.25, -0.5, 1.0], "model": "hashing", "dims": 3, "created_ms": created_ms,
+        "chunk_id": f"{document_id}:{index}",
+        "document_id": document_id,
+        "company_id": company_id,
+        "index": index,
+        "vector": [0.25, -0.5, 1.0],
+        "model": "hashing",
+        "dims": 3,
+        "created_ms": created_ms,
     }
 
 
@@ -165,7 +220,10 @@ class Job:
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
                 [str(python), str(SPARK_JOBS / script), *args],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
 
     def lines(self) -> list[str]:
@@ -244,10 +302,13 @@ def wait_until_started(job: Job, timeout: float) -> float:
 
 
 def test_jobs_explain_their_arguments(spark_python):
-    for script, words in (("archive.py", ["--checkpoint", "--starting-offsets", "exactly once"]),
-                          ("daily_report.py", ["--date", "yesterday", "s3a://"])):
-        result = subprocess.run([str(spark_python), str(SPARK_JOBS / script), "--help"], capture_output=True,
-                                text=True, timeout=60)
+    for script, words in (
+        ("archive.py", ["--checkpoint", "--starting-offsets", "exactly once"]),
+        ("daily_report.py", ["--date", "yesterday", "s3a://"]),
+    ):
+        result = subprocess.run(
+            [str(spark_python), str(SPARK_JOBS / script), "--help"], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, result.stderr
         help_text = " ".join(result.stdout.split())
         for word in words:
@@ -265,8 +326,18 @@ def test_archive_killed_mid_stream_and_restarted_has_every_message_exactly_once(
     # test produced before does not make the first batch bigger.
     starting = asyncio.run(end_offsets(bootstrap, topics))
     args = [
-        "--bootstrap-servers", bootstrap, "--output", output, "--checkpoint", checkpoint,
-        "--trigger-seconds", "1", "--starting-offsets", json.dumps(starting), "--driver-memory", "768m",
+        "--bootstrap-servers",
+        bootstrap,
+        "--output",
+        output,
+        "--checkpoint",
+        checkpoint,
+        "--trigger-seconds",
+        "1",
+        "--starting-offsets",
+        json.dumps(starting),
+        "--driver-memory",
+        "768m",
     ]
     now_ms = int(time.time() * 1000)
     documents = [f"archive-{run}-{n}" for n in range(40)]
@@ -308,9 +379,7 @@ def test_archive_killed_mid_stream_and_restarted_has_every_message_exactly_once(
     finally:
         second.cleanup()
 
-    archived = read_through_spark(
-        spark_python, output, "topic,partition,offset,document_id,chunk_id,date",
-    )
+    archived = read_through_spark(spark_python, output, "topic,partition,offset,document_id,chunk_id,date")
     coordinates = [(row["topic"], row["partition"], row["offset"]) for row in archived]
     assert len(coordinates) == len(set(coordinates)), "a message was archived twice"
     mine_archived = [row for row in archived if (row["document_id"] or "").startswith(f"archive-{run}-")]
@@ -321,7 +390,7 @@ def test_archive_killed_mid_stream_and_restarted_has_every_message_exactly_once(
             value["chunk_id"] for t, _, value in messages if t == topic
         )
     # Every event of a document is dated now_ms .. now_ms + 4 (its own *_ms): filed under that UTC day.
-    days = {dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).date().isoformat() for ms in (now_ms, now_ms + 4)}
+    days = {dt.datetime.fromtimestamp(ms / 1000, dt.UTC).date().isoformat() for ms in (now_ms, now_ms + 4)}
     assert {row["date"] for row in mine_archived} <= days
     print(
         f"archive start-up {first_startup:.1f}s and {second_startup:.1f}s (restart); "
@@ -348,7 +417,7 @@ def test_daily_report_counts_distinct_chunks_per_document_and_company_of_one_utc
     rng = random.Random(run)
     # A day of its own (years before any other test's data), so the day's partition holds only this test's events.
     day = dt.date(2001, 1, 1) + dt.timedelta(days=rng.randrange(6000))
-    day_start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    day_start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
     bootstrap = kafka_settings.bootstrap_servers
     messages: list[tuple[str, str, dict]] = []
     for n in range(12):
@@ -360,15 +429,29 @@ def test_daily_report_counts_distinct_chunks_per_document_and_company_of_one_utc
                 redelivered = embedding(document_id, company_id, index, min(created_ms + 1000, day_start + DAY_MS - 1))
                 messages.append((EMBEDDINGS_READY.name, document_id, redelivered))
         # A chunk on the day's text topic is not an embedding.
-        messages.append((CHUNKS_PROCESSED.name, document_id, {
-            "chunk_id": f"{document_id}:99", "document_id": document_id, "company_id": company_id, "text": "t",
-            "page": 1, "index": 99, "total": 100, "created_ms": day_start + 5,
-        }))
+        messages.append(
+            (
+                CHUNKS_PROCESSED.name,
+                document_id,
+                {
+                    "chunk_id": f"{document_id}:99",
+                    "document_id": document_id,
+                    "company_id": company_id,
+                    "text": "t",
+                    "page": 1,
+                    "index": 99,
+                    "total": 100,
+                    "created_ms": day_start + 5,
+                },
+            )
+        )
     # Embeddings one millisecond either side of the day belong to the days before and after.
     edge_document, edge_company = f"report-{run}-edge", f"company-{run}-edge"
     messages.append((EMBEDDINGS_READY.name, edge_document, embedding(edge_document, edge_company, 0, day_start - 1)))
     messages.append((EMBEDDINGS_READY.name, edge_document, embedding(edge_document, edge_company, 1, day_start)))
-    messages.append((EMBEDDINGS_READY.name, edge_document, embedding(edge_document, edge_company, 2, day_start + DAY_MS)))
+    messages.append(
+        (EMBEDDINGS_READY.name, edge_document, embedding(edge_document, edge_company, 2, day_start + DAY_MS))
+    )
     rng.shuffle(messages)
 
     expected_chunks: dict[tuple[str, str], set[str]] = {}
@@ -385,16 +468,33 @@ def test_daily_report_counts_distinct_chunks_per_document_and_company_of_one_utc
 
     output, checkpoint = f"{hdfs.url}/report-archive-{run}", f"{hdfs.url}/checkpoints/report-archive-{run}"
     report_path = f"{hdfs.url}/reports-{run}/chunks-per-document"
-    archive = Job(spark_python, "archive.py", [
-        "--bootstrap-servers", bootstrap, "--output", output, "--checkpoint", checkpoint, "--available-now",
-        "--starting-offsets", json.dumps(starting), "--driver-memory", "768m",
-    ], tmp_path / "archive.log")
+    archive = Job(
+        spark_python,
+        "archive.py",
+        [
+            "--bootstrap-servers",
+            bootstrap,
+            "--output",
+            output,
+            "--checkpoint",
+            checkpoint,
+            "--available-now",
+            "--starting-offsets",
+            json.dumps(starting),
+            "--driver-memory",
+            "768m",
+        ],
+        tmp_path / "archive.log",
+    )
     assert archive.wait(300) == 0, archive.tail()
 
     began = time.monotonic()
-    report = Job(spark_python, "daily_report.py", [
-        "--archive", output, "--output", report_path, "--date", day.isoformat(), "--driver-memory", "768m",
-    ], tmp_path / "report.log")
+    report = Job(
+        spark_python,
+        "daily_report.py",
+        ["--archive", output, "--output", report_path, "--date", day.isoformat(), "--driver-memory", "768m"],
+        tmp_path / "report.log",
+    )
     assert report.wait(300) == 0, report.tail()
     report_seconds = time.monotonic() - began
     summary = report.wait_for_line(r"^daily report .*: (\d+) documents, (\d+) chunks", 1)

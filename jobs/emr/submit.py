@@ -30,8 +30,13 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Annotated, ClassVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EMR_DIR = Path(__file__).resolve().parent
 REPO_ROOT = EMR_DIR.parents[1]
@@ -39,6 +44,8 @@ BOOTSTRAP_SCRIPT = EMR_DIR / "bootstrap" / "install-job-runtimes.sh"
 LAUNCHERS = (EMR_DIR / "bin" / "docflow-flink", EMR_DIR / "bin" / "docflow-spark-submit")
 # What runs where: the Flink job on the Flink runtime, both Spark jobs on the Spark runtime.
 JOB_FILES = {"flink": ("chunk_counts.py",), "spark": ("archive.py", "daily_report.py")}
+# Modules the jobs import: YARN's containers get them through spark-submit's --py-files.
+PY_FILES = {"spark": ("session.py",)}
 
 # EMR's own tool for running a command as a step (on the primary node, as the hadoop user).
 COMMAND_RUNNER = "command-runner.jar"
@@ -56,37 +63,33 @@ class ConfigurationError(Exception):
     """A setting a subcommand needs is missing or malformed."""
 
 
-def _env(environ: Mapping[str, str], name: str, default: str = "") -> str:
-    return environ.get(f"DOCFLOW_EMR_{name}", default).strip()
+# A comma-separated variable; pydantic-settings would otherwise read a sequence as JSON.
+CommaSeparated = Annotated[tuple[str, ...], NoDecode]
 
 
-def _env_list(environ: Mapping[str, str], name: str, default: str = "") -> tuple[str, ...]:
-    return tuple(item.strip() for item in _env(environ, name, default).split(",") if item.strip())
-
-
-@dataclass(frozen=True)
-class EmrSettings:
+class EmrSettings(BaseSettings):
     """Everything site-specific, from DOCFLOW_EMR_* variables (the README's table lists them)."""
+
+    model_config = SettingsConfigDict(env_prefix="DOCFLOW_EMR_", frozen=True, str_strip_whitespace=True)
 
     bucket: str = ""
     prefix: str = "docflow/emr"
-    region: str = ""
+    # Validated when unset too, so that the AWS variables stand in for it.
+    region: str = Field("", validate_default=True)
     cluster_name: str = "docflow-analytics"
     release_label: str = "emr-7.13.0"
-    applications: tuple[str, ...] = ("Hadoop", "Flink", "Spark")
+    applications: CommaSeparated = ("Hadoop", "Flink", "Spark")
     primary_instance_type: str = "m6i.xlarge"
     core_instance_type: str = "m6i.xlarge"
     core_instance_count: int = 2
     subnet_id: str = ""
     key_pair: str = ""
-    additional_security_groups: tuple[str, ...] = ()
+    additional_security_groups: CommaSeparated = ()
     service_role: str = "EMR_DefaultRole"
     instance_profile: str = "EMR_EC2_DefaultRole"
     log_uri: str = ""
     kafka_bootstrap_servers: str = ""
     node_python: str = "python3.11"
-    node_root: str = "/opt/docflow"
-    hadoop_conf_dir: str = "/etc/hadoop/conf"  # where EMR writes it on every node
     flink_parallelism: int = 2
     # Flink's default scheme is file://, so its HDFS path says hdfs:// (the authority comes
     # from the cluster's fs.defaultFS).
@@ -102,48 +105,41 @@ class EmrSettings:
     schedule_name: str = "docflow-daily-report"
     schedule_expression: str = "cron(30 1 * * ? *)"
     scheduler_role_arn: str = ""
-    tags: dict[str, str] = field(default_factory=lambda: {"project": "docflow"})
+
+    # Fixed, not read from the environment: the bootstrap action's layout, where EMR writes
+    # the Hadoop configuration on every node, and the cluster's tags.
+    node_root: ClassVar[str] = "/opt/docflow"
+    hadoop_conf_dir: ClassVar[str] = "/etc/hadoop/conf"
+    tags: ClassVar[Mapping[str, str]] = MappingProxyType({"project": "docflow"})
+
+    @field_validator("applications", "additional_security_groups", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _strip_slashes(cls, value: str) -> str:
+        return value.strip("/")
+
+    @field_validator("region")
+    @classmethod
+    def _aws_region(cls, value: str) -> str:
+        return value or os.environ.get("AWS_REGION", "") or os.environ.get("AWS_DEFAULT_REGION", "")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> EmrSettings:
-        defaults = cls()
-
-        def number(name: str, default: int) -> int:
-            raw = _env(environ, name, str(default))
-            try:
-                return int(raw)
-            except ValueError:
-                raise ConfigurationError(f"DOCFLOW_EMR_{name}={raw!r} is not a whole number") from None
-
-        return cls(
-            bucket=_env(environ, "BUCKET"),
-            prefix=_env(environ, "PREFIX", defaults.prefix).strip("/"),
-            region=_env(environ, "REGION") or environ.get("AWS_REGION", "") or environ.get("AWS_DEFAULT_REGION", ""),
-            cluster_name=_env(environ, "CLUSTER_NAME", defaults.cluster_name),
-            release_label=_env(environ, "RELEASE_LABEL", defaults.release_label),
-            applications=_env_list(environ, "APPLICATIONS", ",".join(defaults.applications)),
-            primary_instance_type=_env(environ, "PRIMARY_INSTANCE_TYPE", defaults.primary_instance_type),
-            core_instance_type=_env(environ, "CORE_INSTANCE_TYPE", defaults.core_instance_type),
-            core_instance_count=number("CORE_INSTANCE_COUNT", defaults.core_instance_count),
-            subnet_id=_env(environ, "SUBNET_ID"),
-            key_pair=_env(environ, "KEY_PAIR"),
-            additional_security_groups=_env_list(environ, "ADDITIONAL_SECURITY_GROUPS"),
-            service_role=_env(environ, "SERVICE_ROLE", defaults.service_role),
-            instance_profile=_env(environ, "INSTANCE_PROFILE", defaults.instance_profile),
-            log_uri=_env(environ, "LOG_URI"),
-            kafka_bootstrap_servers=_env(environ, "KAFKA_BOOTSTRAP_SERVERS"),
-            node_python=_env(environ, "NODE_PYTHON", defaults.node_python),
-            flink_parallelism=number("FLINK_PARALLELISM", defaults.flink_parallelism),
-            flink_checkpoints=_env(environ, "FLINK_CHECKPOINTS", defaults.flink_checkpoints),
-            archive_path=_env(environ, "ARCHIVE_PATH", defaults.archive_path),
-            archive_checkpoint=_env(environ, "ARCHIVE_CHECKPOINT", defaults.archive_checkpoint),
-            report_path=_env(environ, "REPORT_PATH", defaults.report_path),
-            report_s3_uri=_env(environ, "REPORT_S3_URI"),
-            cluster_id=_env(environ, "CLUSTER_ID"),
-            schedule_name=_env(environ, "SCHEDULE_NAME", defaults.schedule_name),
-            schedule_expression=_env(environ, "SCHEDULE_EXPRESSION", defaults.schedule_expression),
-            scheduler_role_arn=_env(environ, "SCHEDULER_ROLE_ARN"),
-        )
+    def from_env(cls) -> EmrSettings:
+        """The settings, or a ConfigurationError naming each malformed variable."""
+        try:
+            return cls()
+        except ValidationError as error:
+            problems = [
+                f"DOCFLOW_EMR_{str(problem['loc'][0]).upper()}={problem['input']!r}: {problem['msg']}"
+                for problem in error.errors()
+            ]
+            raise ConfigurationError("; ".join(problems)) from None
 
     def require(self, *names: str) -> None:
         missing = [f"DOCFLOW_EMR_{name.upper()}" for name in names if not getattr(self, name)]
@@ -253,7 +249,8 @@ def staging_plan(settings: EmrSettings, repo_root: Path = REPO_ROOT, fetch_jars:
     files += [StagedFile(launcher, settings.stage_key(f"bin/{launcher.name}")) for launcher in LAUNCHERS]
     for job, entry_points in JOB_FILES.items():
         job_dir = repo_root / "jobs" / job
-        missing = [name for name in (*entry_points, "requirements.txt") if not (job_dir / name).is_file()]
+        needed = (*entry_points, *PY_FILES.get(job, ()), "requirements.txt")
+        missing = [name for name in needed if not (job_dir / name).is_file()]
         if missing:
             raise ConfigurationError(f"{job_dir} lacks {', '.join(missing)}")
         for path in [*_job_sources(job_dir), job_dir / "requirements.txt", *job_jars(job_dir, fetch_jars)]:
@@ -270,11 +267,7 @@ def bootstrap_action(settings: EmrSettings) -> dict:
         "Name": "docflow job runtimes",
         "ScriptBootstrapAction": {
             "Path": f"s3://{settings.bucket}/{settings.stage_key(f'bootstrap/{BOOTSTRAP_SCRIPT.name}')}",
-            "Args": [
-                "--stage-uri", settings.stage_uri,
-                "--root", settings.node_root,
-                "--python", settings.node_python,
-            ],
+            "Args": ["--stage-uri", settings.stage_uri, "--root", settings.node_root, "--python", settings.node_python],
         },
     }
 
@@ -291,7 +284,7 @@ def cluster_configurations() -> list[dict]:
                 # and the archive's and the report's Spark drivers (1.4 GB each) run at once.
                 # At Hadoop's default share (0.1) the third waits in ACCEPTED until another ends,
                 # which a streaming job never does (seen on a YARN mini cluster).
-                "yarn.scheduler.capacity.maximum-am-resource-percent": "0.5",
+                "yarn.scheduler.capacity.maximum-am-resource-percent": "0.5"
             },
         },
         {
@@ -303,17 +296,25 @@ def cluster_configurations() -> list[dict]:
                 # their virtual memory is no measure of what they use.
                 "yarn.nodemanager.vmem-check-enabled": "false",
             },
-        }
+        },
     ]
 
 
 def run_job_flow_request(settings: EmrSettings) -> dict:
     instances: dict = {
         "InstanceGroups": [
-            {"Name": "Primary", "InstanceRole": "MASTER", "InstanceType": settings.primary_instance_type,
-             "InstanceCount": 1},
-            {"Name": "Core", "InstanceRole": "CORE", "InstanceType": settings.core_instance_type,
-             "InstanceCount": settings.core_instance_count},
+            {
+                "Name": "Primary",
+                "InstanceRole": "MASTER",
+                "InstanceType": settings.primary_instance_type,
+                "InstanceCount": 1,
+            },
+            {
+                "Name": "Core",
+                "InstanceRole": "CORE",
+                "InstanceType": settings.core_instance_type,
+                "InstanceCount": settings.core_instance_count,
+            },
         ],
         # The Flink job and the archive run until stopped: the cluster outlives its steps.
         "KeepJobFlowAliveWhenNoSteps": True,
@@ -357,36 +358,47 @@ def flink_step(settings: EmrSettings, layout: NodeLayout, savepoint: str | None 
     With a savepoint (or retained checkpoint) path, the job resumes its windows and offsets."""
     python = layout.python("flink")
     restore = ["-s", savepoint] if savepoint else []
-    return _step("docflow flink chunk_counts", [
-        layout.launcher("docflow-flink"), "run", "-t", "yarn-application",
-        f"-Dyarn.application.name={FLINK_APPLICATION_NAME}",
-        f"-Dyarn.application-attempts={APPLICATION_ATTEMPTS}",
-        # Checkpoints go to HDFS, where every node reaches them; the Kafka source commits its
-        # offsets on each one. Set here rather than through the job's --checkpoint-dir, which
-        # takes a local folder (see the README); the job's own checkpointing is switched off
-        # below so that it does not override these.
-        "-Dexecution.checkpointing.interval=30s",
-        f"-Dexecution.checkpointing.dir={settings.flink_checkpoints}",
-        "-Dexecution.checkpointing.externalized-checkpoint-retention=RETAIN_ON_CANCELLATION",
-        # hdfs:/// takes its namenode from fs.defaultFS: the JobManager and TaskManager
-        # containers are told where the cluster's Hadoop configuration is rather than
-        # relying on YARN passing HADOOP_CONF_DIR on to them.
-        f"-Dcontainerized.master.env.HADOOP_CONF_DIR={settings.hadoop_conf_dir}",
-        f"-Dcontainerized.taskmanager.env.HADOOP_CONF_DIR={settings.hadoop_conf_dir}",
-        *restore,
-        "-pyclientexec", python,
-        "-pyexec", python,
-        "-py", layout.job_file("flink", "chunk_counts.py"),
-        "--bootstrap-servers", settings.kafka_bootstrap_servers,
-        "--jars-dir", layout.jars_dir("flink"),
-        "--parallelism", settings.flink_parallelism,
-        "--checkpoint-interval-seconds", "0",
-    ])
+    return _step(
+        "docflow flink chunk_counts",
+        [
+            layout.launcher("docflow-flink"),
+            "run",
+            "-t",
+            "yarn-application",
+            f"-Dyarn.application.name={FLINK_APPLICATION_NAME}",
+            f"-Dyarn.application-attempts={APPLICATION_ATTEMPTS}",
+            # Checkpoints go to HDFS, where every node reaches them; the Kafka source commits its
+            # offsets on each one. Set here rather than through the job's --checkpoint-dir, which
+            # takes a local folder (see the README); the job's own checkpointing is switched off
+            # below so that it does not override these.
+            "-Dexecution.checkpointing.interval=30s",
+            f"-Dexecution.checkpointing.dir={settings.flink_checkpoints}",
+            "-Dexecution.checkpointing.externalized-checkpoint-retention=RETAIN_ON_CANCELLATION",
+            # hdfs:/// takes its namenode from fs.defaultFS: the JobManager and TaskManager
+            # containers are told where the cluster's Hadoop configuration is rather than
+            # relying on YARN passing HADOOP_CONF_DIR on to them.
+            f"-Dcontainerized.master.env.HADOOP_CONF_DIR={settings.hadoop_conf_dir}",
+            f"-Dcontainerized.taskmanager.env.HADOOP_CONF_DIR={settings.hadoop_conf_dir}",
+            *restore,
+            "-pyclientexec",
+            python,
+            "-pyexec",
+            python,
+            "-py",
+            layout.job_file("flink", "chunk_counts.py"),
+            "--bootstrap-servers",
+            settings.kafka_bootstrap_servers,
+            "--jars-dir",
+            layout.jars_dir("flink"),
+            "--parallelism",
+            settings.flink_parallelism,
+            "--checkpoint-interval-seconds",
+            "0",
+        ],
+    )
 
 
-def _spark_submit(
-    layout: NodeLayout, application_name: str, extra_conf: dict[str, str], jars: list[str] = (),
-) -> list:
+def _spark_submit(layout: NodeLayout, application_name: str, extra_conf: dict[str, str], jars: list[str] = ()) -> list:
     conf = {
         # The job's venv on every node: the driver (in YARN's application master) and executors.
         "spark.pyspark.python": str(layout.python("spark")),
@@ -394,10 +406,20 @@ def _spark_submit(
         "spark.yarn.jars": f"local:{layout.spark_home}/jars/*",
         **extra_conf,
     }
-    args: list = [layout.launcher("docflow-spark-submit"), "--master", "yarn", "--deploy-mode", "cluster",
-                  "--name", application_name]
+    args: list = [
+        layout.launcher("docflow-spark-submit"),
+        "--master",
+        "yarn",
+        "--deploy-mode",
+        "cluster",
+        "--name",
+        application_name,
+    ]
     for key, value in conf.items():
         args += ["--conf", f"{key}={value}"]
+    # Files on the primary node, uploaded by spark-submit: a local: URI would not be, and YARN
+    # puts only the uploaded .py files in the folder it adds to the containers' PYTHONPATH.
+    args += ["--py-files", ",".join(str(layout.job_file("spark", name)) for name in PY_FILES["spark"])]
     if jars:
         # The Kafka source's jars, placed on every node by the bootstrap action.
         args += ["--jars", ",".join(f"local:{layout.jars_dir('spark') / name}" for name in jars)]
@@ -410,22 +432,34 @@ def spark_jar_names(repo_root: Path = REPO_ROOT) -> list[str]:
 
 def archive_step(settings: EmrSettings, layout: NodeLayout, repo_root: Path = REPO_ROOT) -> dict:
     """archive.py as a streaming application on YARN; the step ends once it is submitted."""
-    return _step("docflow spark archive", [
-        *_spark_submit(layout, ARCHIVE_APPLICATION_NAME, {
-            "spark.yarn.submit.waitAppCompletion": "false",
-            "spark.yarn.maxAppAttempts": str(APPLICATION_ATTEMPTS),
-            # A failure an hour ago does not count against the attempts any more.
-            "spark.yarn.am.attemptFailuresValidityInterval": "1h",
-        }, jars=spark_jar_names(repo_root)),
-        layout.job_file("spark", "archive.py"),
-        "--bootstrap-servers", settings.kafka_bootstrap_servers,
-        "--output", settings.archive_path,
-        "--checkpoint", settings.archive_checkpoint,
-        # The jars come through --jars above: the job adds none of its own.
-        "--jars-dir=",
-        # Spark's UI on a free port, reachable through YARN's application proxy.
-        "--ui-port", "0",
-    ])
+    return _step(
+        "docflow spark archive",
+        [
+            *_spark_submit(
+                layout,
+                ARCHIVE_APPLICATION_NAME,
+                {
+                    "spark.yarn.submit.waitAppCompletion": "false",
+                    "spark.yarn.maxAppAttempts": str(APPLICATION_ATTEMPTS),
+                    # A failure an hour ago does not count against the attempts any more.
+                    "spark.yarn.am.attemptFailuresValidityInterval": "1h",
+                },
+                jars=spark_jar_names(repo_root),
+            ),
+            layout.job_file("spark", "archive.py"),
+            "--bootstrap-servers",
+            settings.kafka_bootstrap_servers,
+            "--output",
+            settings.archive_path,
+            "--checkpoint",
+            settings.archive_checkpoint,
+            # The jars come through --jars above: the job adds none of its own.
+            "--jars-dir=",
+            # Spark's UI on a free port, reachable through YARN's application proxy.
+            "--ui-port",
+            "0",
+        ],
+    )
 
 
 def daily_report_steps(settings: EmrSettings, layout: NodeLayout, report_date: str | None = None) -> list[dict]:
@@ -433,22 +467,32 @@ def daily_report_steps(settings: EmrSettings, layout: NodeLayout, report_date: s
     step's state is the report's; then, if DOCFLOW_EMR_REPORT_S3_URI is set, a copy to S3."""
     report_args = [
         layout.job_file("spark", "daily_report.py"),
-        "--archive", settings.archive_path,
-        "--output", settings.report_path,
+        "--archive",
+        settings.archive_path,
+        "--output",
+        settings.report_path,
     ]
     if report_date:
         report_args += ["--date", report_date]
-    steps = [_step("docflow spark daily report", [
-        # It reads the Parquet archive only: no Kafka jars.
-        *_spark_submit(layout, DAILY_REPORT_APPLICATION_NAME, {}),
-        *report_args,
-    ])]
+    steps = [
+        _step(
+            "docflow spark daily report",
+            [
+                # It reads the Parquet archive only: no Kafka jars.
+                *_spark_submit(layout, DAILY_REPORT_APPLICATION_NAME, {}),
+                *report_args,
+            ],
+        )
+    ]
     if settings.report_s3_uri:
         # The jobs' Spark has no S3 filesystem of its own; EMR's Hadoop has (EMRFS): copy the
         # reports there for Athena. -update copies only what is new or changed.
-        steps.append(_step("docflow copy daily reports to S3", [
-            "hadoop", "distcp", "-update", settings.report_path, settings.report_s3_uri,
-        ]))
+        steps.append(
+            _step(
+                "docflow copy daily reports to S3",
+                ["hadoop", "distcp", "-update", settings.report_path, settings.report_s3_uri],
+            )
+        )
     return steps
 
 
@@ -489,60 +533,101 @@ def cli_create_cluster(settings: EmrSettings, request: dict) -> list[str]:
     instances = request["Instances"]
     # The CLI's shapes differ from the API's in a few names (InstanceGroupType, Path/Args).
     groups = [
-        {"Name": group["Name"], "InstanceGroupType": group["InstanceRole"],
-         "InstanceType": group["InstanceType"], "InstanceCount": group["InstanceCount"]}
+        {
+            "Name": group["Name"],
+            "InstanceGroupType": group["InstanceRole"],
+            "InstanceType": group["InstanceType"],
+            "InstanceCount": group["InstanceCount"],
+        }
         for group in instances["InstanceGroups"]
     ]
     ec2_attributes = {"InstanceProfile": request["JobFlowRole"]}
     for api_name, cli_name in (
-        ("Ec2SubnetId", "SubnetId"), ("Ec2KeyName", "KeyName"),
+        ("Ec2SubnetId", "SubnetId"),
+        ("Ec2KeyName", "KeyName"),
         ("AdditionalMasterSecurityGroups", "AdditionalMasterSecurityGroups"),
         ("AdditionalSlaveSecurityGroups", "AdditionalSlaveSecurityGroups"),
     ):
         if api_name in instances:
             ec2_attributes[cli_name] = instances[api_name]
     bootstrap_actions = [
-        {"Name": action["Name"], "Path": action["ScriptBootstrapAction"]["Path"],
-         "Args": action["ScriptBootstrapAction"]["Args"]}
+        {
+            "Name": action["Name"],
+            "Path": action["ScriptBootstrapAction"]["Path"],
+            "Args": action["ScriptBootstrapAction"]["Args"],
+        }
         for action in request["BootstrapActions"]
     ]
-    return [_aws(
-        settings, "emr", "create-cluster",
-        "--name", request["Name"],
-        "--release-label", request["ReleaseLabel"],
-        "--applications", *[f"Name={app['Name']}" for app in request["Applications"]],
-        "--instance-groups", _compact(groups),
-        "--ec2-attributes", _compact(ec2_attributes),
-        "--service-role", request["ServiceRole"],
-        "--log-uri", request["LogUri"],
-        "--bootstrap-actions", _compact(bootstrap_actions),
-        "--configurations", _compact(request["Configurations"]),
-        "--tags", *[f"{tag['Key']}={tag['Value']}" for tag in request["Tags"]],
-        "--no-termination-protected",
-        "--query", "ClusterId", "--output", "text",
-    )]
+    return [
+        _aws(
+            settings,
+            "emr",
+            "create-cluster",
+            "--name",
+            request["Name"],
+            "--release-label",
+            request["ReleaseLabel"],
+            "--applications",
+            *[f"Name={app['Name']}" for app in request["Applications"]],
+            "--instance-groups",
+            _compact(groups),
+            "--ec2-attributes",
+            _compact(ec2_attributes),
+            "--service-role",
+            request["ServiceRole"],
+            "--log-uri",
+            request["LogUri"],
+            "--bootstrap-actions",
+            _compact(bootstrap_actions),
+            "--configurations",
+            _compact(request["Configurations"]),
+            "--tags",
+            *[f"{tag['Key']}={tag['Value']}" for tag in request["Tags"]],
+            "--no-termination-protected",
+            "--query",
+            "ClusterId",
+            "--output",
+            "text",
+        )
+    ]
 
 
 def cli_add_steps(settings: EmrSettings, cluster_id: str, steps: list[dict]) -> list[str]:
     cli_steps = [
-        {"Type": "CUSTOM_JAR", "Name": step["Name"], "ActionOnFailure": step["ActionOnFailure"],
-         "Jar": step["HadoopJarStep"]["Jar"], "Args": step["HadoopJarStep"]["Args"]}
+        {
+            "Type": "CUSTOM_JAR",
+            "Name": step["Name"],
+            "ActionOnFailure": step["ActionOnFailure"],
+            "Jar": step["HadoopJarStep"]["Jar"],
+            "Args": step["HadoopJarStep"]["Args"],
+        }
         for step in steps
     ]
     return [_aws(settings, "emr", "add-steps", "--cluster-id", cluster_id, "--steps", _compact(cli_steps))]
 
 
 def cli_create_schedule(settings: EmrSettings, request: dict) -> list[str]:
-    return [_aws(
-        settings, "scheduler", "create-schedule",
-        "--name", request["Name"],
-        "--schedule-expression", request["ScheduleExpression"],
-        "--schedule-expression-timezone", request["ScheduleExpressionTimezone"],
-        "--flexible-time-window", _compact(request["FlexibleTimeWindow"]),
-        "--state", request["State"],
-        "--description", request["Description"],
-        "--target", _compact(request["Target"]),
-    )]
+    return [
+        _aws(
+            settings,
+            "scheduler",
+            "create-schedule",
+            "--name",
+            request["Name"],
+            "--schedule-expression",
+            request["ScheduleExpression"],
+            "--schedule-expression-timezone",
+            request["ScheduleExpressionTimezone"],
+            "--flexible-time-window",
+            _compact(request["FlexibleTimeWindow"]),
+            "--state",
+            request["State"],
+            "--description",
+            request["Description"],
+            "--target",
+            _compact(request["Target"]),
+        )
+    ]
 
 
 def cli_teardown(settings: EmrSettings, cluster_id: str) -> list[str]:
@@ -600,29 +685,41 @@ def teardown(settings: EmrSettings, cluster_id: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="submit.py", description=__doc__.split("\n\n")[0],
+        prog="submit.py",
+        description=__doc__.split("\n\n")[0],
         epilog="Settings: DOCFLOW_EMR_* environment variables (jobs/emr/README.md).",
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--print-cli", action="store_true",
-                        help="call nothing: print the equivalent AWS CLI commands instead")
+    common.add_argument(
+        "--print-cli", action="store_true", help="call nothing: print the equivalent AWS CLI commands instead"
+    )
     with_cluster = argparse.ArgumentParser(add_help=False, parents=[common])
     with_cluster.add_argument("--cluster-id", help="the EMR cluster (default: DOCFLOW_EMR_CLUSTER_ID)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("stage", parents=[common],
-                        help="upload the bootstrap action, launchers, job code, requirements and jars to S3")
-    commands.add_parser("create-cluster", parents=[common],
-                        help="create the cluster (Hadoop, Flink, Spark; the bootstrap action) and print its id")
-    flink = commands.add_parser("add-flink-step", parents=[with_cluster],
-                                help="start jobs/flink/chunk_counts.py on YARN")
-    flink.add_argument("--from-savepoint", metavar="PATH",
-                       help="resume from this savepoint or retained checkpoint (Flink's -s)")
+    commands.add_parser(
+        "stage", parents=[common], help="upload the bootstrap action, launchers, job code, requirements and jars to S3"
+    )
+    commands.add_parser(
+        "create-cluster",
+        parents=[common],
+        help="create the cluster (Hadoop, Flink, Spark; the bootstrap action) and print its id",
+    )
+    flink = commands.add_parser(
+        "add-flink-step", parents=[with_cluster], help="start jobs/flink/chunk_counts.py on YARN"
+    )
+    flink.add_argument(
+        "--from-savepoint", metavar="PATH", help="resume from this savepoint or retained checkpoint (Flink's -s)"
+    )
     commands.add_parser("add-archive-step", parents=[with_cluster], help="start jobs/spark/archive.py on YARN")
-    daily = commands.add_parser("add-daily-report-step", parents=[with_cluster],
-                                help="run jobs/spark/daily_report.py once")
+    daily = commands.add_parser(
+        "add-daily-report-step", parents=[with_cluster], help="run jobs/spark/daily_report.py once"
+    )
     daily.add_argument("--date", help="UTC day YYYY-MM-DD (default: the job's own, yesterday)")
-    commands.add_parser("schedule-daily-report", parents=[with_cluster],
-                        help="add the daily report step every day (EventBridge Scheduler)")
+    commands.add_parser(
+        "schedule-daily-report",
+        parents=[with_cluster],
+        help="add the daily report step every day (EventBridge Scheduler)",
+    )
     commands.add_parser("teardown", parents=[with_cluster], help="delete the schedule and terminate the cluster")
     return parser.parse_args(argv)
 

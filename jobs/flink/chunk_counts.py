@@ -1,4 +1,4 @@
-"""Chunks embedded per company per minute: embeddings.ready -> analytics.flink (DESIGN §2, §8).
+"""Chunks embedded per company per minute: embeddings.ready -> analytics.flink (docs/architecture.md, "Analytics").
 
 A PyFlink Table API job, plain SQL, no Python UDFs (so no Python worker processes run):
 
@@ -61,56 +61,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     kafka.add_argument("--source-topic", default="embeddings.ready", help="Topic of ChunkEmbedding JSON values.")
     kafka.add_argument("--sink-topic", default="analytics.flink", help="Topic the window counts go to.")
     kafka.add_argument(
-        "--group-id", default="docflow-flink-chunk-counts",
+        "--group-id",
+        default="docflow-flink-chunk-counts",
         help="Consumer group the source commits its offsets under (on each checkpoint); it is what --starting-offsets "
-             "group resumes from and what lag monitoring shows.",
+        "group resumes from and what lag monitoring shows.",
     )
     kafka.add_argument(
-        "--starting-offsets", default="group", type=_starting_offsets,
+        "--starting-offsets",
+        default="group",
+        type=_starting_offsets,
         help="Where to start reading when no checkpoint is restored: earliest, latest, group (the group's committed "
-             "offsets, earliest where it has none) or timestamp:EPOCH_MS (the first record at or after that time).",
+        "offsets, earliest where it has none) or timestamp:EPOCH_MS (the first record at or after that time).",
     )
     kafka.add_argument(
-        "--delivery-guarantee", choices=("at-least-once", "exactly-once"), default="at-least-once",
+        "--delivery-guarantee",
+        choices=("at-least-once", "exactly-once"),
+        default="at-least-once",
         help="at-least-once: a window may be written again after a restart (with the same count); readers keep the "
-             "latest message per (company_id, window_start_ms). exactly-once: Kafka transactions committed on each "
-             "checkpoint, so readers must use isolation.level=read_committed and see a window only after the "
-             "checkpoint that follows it.",
+        "latest message per (company_id, window_start_ms). exactly-once: Kafka transactions committed on each "
+        "checkpoint, so readers must use isolation.level=read_committed and see a window only after the "
+        "checkpoint that follows it.",
     )
     event_time = parser.add_argument_group("event time")
     event_time.add_argument(
-        "--watermark-seconds", type=float, default=5.0,
+        "--watermark-seconds",
+        type=float,
+        default=5.0,
         help="Bound of out-of-orderness: an event up to this much older than the newest seen on its partition is "
-             "still counted; a window closes this long after an event past its end.",
+        "still counted; a window closes this long after an event past its end.",
     )
     event_time.add_argument(
-        "--idle-timeout-seconds", type=float, default=30.0,
+        "--idle-timeout-seconds",
+        type=float,
+        default=30.0,
         help="A partition without events for this long no longer holds the watermark back (8 partitions keyed by "
-             "document: some are often quiet). 0 disables it: then every partition must carry data for windows to close.",
+        "document: some are often quiet). 0 disables it: then every partition must carry data for windows to close.",
     )
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument(
-        "--jars-dir", type=Path, default=JOB_DIR / "lib",
+        "--jars-dir",
+        type=Path,
+        default=JOB_DIR / "lib",
         help="Folder of connector jars (the Kafka SQL connector from Maven Central, fetched by "
-             "`mvn -f jobs/flink/pom.xml dependency:copy-dependencies`), added through pipeline.jars.",
+        "`mvn -f jobs/flink/pom.xml dependency:copy-dependencies`), added through pipeline.jars.",
     )
     runtime.add_argument("--parallelism", type=int, default=1, help="Parallelism of every operator.")
     runtime.add_argument(
-        "--checkpoint-dir", type=Path, default=Path(".docflow/flink/checkpoints"),
+        "--checkpoint-dir",
+        type=Path,
+        default=Path(".docflow/flink/checkpoints"),
         help="Where checkpoints (window state and source offsets) are kept; they are retained when the job stops.",
     )
     runtime.add_argument(
-        "--checkpoint-interval-seconds", type=float, default=30.0,
+        "--checkpoint-interval-seconds",
+        type=float,
+        default=30.0,
         help="Checkpoint interval; 0 disables checkpoints (then nothing is restored and offsets are not committed).",
     )
     runtime.add_argument(
-        "--restore", default="latest",
+        "--restore",
+        default="latest",
         help="latest: resume from the newest complete checkpoint under --checkpoint-dir (open windows and offsets as "
-             "they were; --starting-offsets is then ignored), none: start fresh, or a checkpoint/savepoint path.",
+        "they were; --starting-offsets is then ignored), none: start fresh, or a checkpoint/savepoint path.",
     )
     runtime.add_argument("--jvm-heap", default="768m", help="Heap of the JVM that runs the job (local execution).")
     runtime.add_argument(
-        "--log-dir", type=Path, default=Path(".docflow/flink/logs"), help="Where Flink's own log file goes.",
+        "--log-dir", type=Path, default=Path(".docflow/flink/logs"), help="Where Flink's own log file goes."
     )
     runtime.add_argument("--job-name", default="docflow-chunk-counts", help="Name of the Flink job.")
     args = parser.parse_args(argv)
@@ -119,7 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.watermark_seconds < 0 or args.idle_timeout_seconds < 0 or args.checkpoint_interval_seconds < 0:
         parser.error("--watermark-seconds, --idle-timeout-seconds and --checkpoint-interval-seconds must be >= 0")
     if args.delivery_guarantee == "exactly-once" and args.checkpoint_interval_seconds == 0:
-        parser.error("--delivery-guarantee exactly-once commits on checkpoints: it needs --checkpoint-interval-seconds > 0")
+        parser.error(
+            "--delivery-guarantee exactly-once commits on checkpoints: it needs --checkpoint-interval-seconds > 0"
+        )
     return args
 
 

@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+
+# Beside this file; on YARN it comes with spark-submit --py-files (jobs/emr/submit.py).
+from session import spark_session
 
 # pipeline/topics.py names them; kept here because the job does not import docflow.
 DOCFLOW_TOPICS = (
@@ -50,7 +52,8 @@ DOCFLOW_TOPICS = (
     "analytics.flink",
     "documents.dlq",
 )
-# The record's own time, one per record type (DESIGN §2): the first one present dates the message.
+# The record's own time, one per record type (docs/architecture.md, "Topics and records"):
+# the first one present dates the message.
 EVENT_TIME_FIELDS = ("created_ms", "uploaded_ms", "at_ms", "failed_ms", "window_start_ms")
 # Spark's Kafka source and what it needs beside pyspark's own jars (jobs/spark/pom.xml).
 KAFKA_JAR_PREFIXES = (
@@ -75,46 +78,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--topics", default=",".join(DOCFLOW_TOPICS), help="Comma-separated topics to archive (docflow's by default)."
     )
     parser.add_argument(
-        "--output", required=True,
+        "--output",
+        required=True,
         help="Root of the archive, e.g. hdfs://127.0.0.1:8020/docflow/archive (or s3a://, file://). "
-             "Read it through Spark at this root: its _spark_metadata log says which files are committed.",
+        "Read it through Spark at this root: its _spark_metadata log says which files are committed.",
     )
     parser.add_argument(
-        "--checkpoint", required=True,
+        "--checkpoint",
+        required=True,
         help="Checkpoint location (offsets and commits), e.g. hdfs://127.0.0.1:8020/docflow/checkpoints/archive. "
-             "One per --output; keep it to resume where the job stopped.",
+        "One per --output; keep it to resume where the job stopped.",
     )
     parser.add_argument("--trigger-seconds", type=float, default=30.0, help="Start a micro-batch every N seconds.")
     parser.add_argument(
-        "--available-now", action="store_true",
+        "--available-now",
+        action="store_true",
         help="Archive what the topics hold now, in as many batches as needed, then stop (for a scheduled catch-up).",
     )
     parser.add_argument(
-        "--starting-offsets", default="earliest",
+        "--starting-offsets",
+        default="earliest",
         help="Where a new checkpoint starts: earliest, latest, or Spark's JSON of offsets per topic and partition. "
-             "Ignored once the checkpoint has offsets.",
+        "Ignored once the checkpoint has offsets.",
     )
     parser.add_argument(
-        "--max-offsets-per-trigger", type=int, default=None,
+        "--max-offsets-per-trigger",
+        type=int,
+        default=None,
         help="Most messages per micro-batch (all that is available when unset).",
     )
     parser.add_argument(
-        "--fail-on-data-loss", choices=("true", "false"), default="true",
+        "--fail-on-data-loss",
+        choices=("true", "false"),
+        default="true",
         help="Fail when messages were deleted (retention) before they were archived, instead of skipping them.",
     )
     parser.add_argument(
-        "--jars-dir", default=str(DEFAULT_JARS_DIR),
+        "--jars-dir",
+        default=str(DEFAULT_JARS_DIR),
         help="Folder with the Kafka source's jars (make jobs fetches them). Empty: the cluster provides them "
-             "(spark-submit --jars on EMR).",
+        "(spark-submit --jars on EMR).",
     )
     parser.add_argument(
-        "--master", default=None,
+        "--master",
+        default=None,
         help="Spark master; default local[2], or the one spark-submit was given when it launched this script.",
     )
     parser.add_argument("--driver-memory", default="1g", help="Driver heap when this script starts Spark itself.")
     parser.add_argument("--ui-port", type=int, default=None, help="Serve Spark's web UI on this port (off when unset).")
     parser.add_argument(
-        "--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+        "--spark-conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="Any other Spark setting, repeatable, e.g. spark.hadoop.fs.s3a.endpoint=http://127.0.0.1:9000.",
     )
     args = parser.parse_args(argv)
@@ -143,35 +159,18 @@ def kafka_jars(jars_dir: str) -> list[str]:
     return jars
 
 
-def spark_session(args: argparse.Namespace, app_name: str, jars: list[str]) -> SparkSession:
-    builder = SparkSession.builder.appName(app_name)
-    launched_by_spark_submit = "PYSPARK_GATEWAY_PORT" in os.environ
-    if args.master or not launched_by_spark_submit:
-        builder = builder.master(args.master or "local[2]")
-    if not launched_by_spark_submit:
-        # A JVM this script starts itself: loopback only (SPARK_LOCAL_IP keeps Spark from picking
-        # another interface of the host), and a modest heap.
-        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-        builder = (
-            builder.config("spark.driver.memory", args.driver_memory)
-            .config("spark.driver.host", "127.0.0.1")
-            .config("spark.driver.bindAddress", "127.0.0.1")
-        )
-    if jars:
-        builder = builder.config("spark.jars", ",".join(jars))
-    builder = (
-        builder.config("spark.sql.session.timeZone", "UTC")  # date partitions are UTC days
-        .config("spark.ui.enabled", str(args.ui_port is not None).lower())
-        .config("spark.ui.showConsoleProgress", "false")  # the job prints a line per committed batch instead
+def spark_conf(args: argparse.Namespace, jars: list[str]) -> dict[str, str]:
+    """The archive's own Spark settings (session.py adds what both jobs share)."""
+    conf = {
+        "spark.ui.enabled": str(args.ui_port is not None).lower(),
         # Few, larger files: one shuffle partition per (topic, date) written in a batch, at most this many.
-        .config("spark.sql.shuffle.partitions", "4")
-    )
+        "spark.sql.shuffle.partitions": "4",
+    }
+    if jars:
+        conf["spark.jars"] = ",".join(jars)
     if args.ui_port is not None:
-        builder = builder.config("spark.ui.port", str(args.ui_port))
-    for setting in args.spark_conf:
-        key, value = setting.split("=", 1)
-        builder = builder.config(key, value)
-    return builder.getOrCreate()
+        conf["spark.ui.port"] = str(args.ui_port)
+    return conf
 
 
 def archive_rows(kafka: DataFrame) -> DataFrame:
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     jars = kafka_jars(args.jars_dir)
     began = time.monotonic()
-    spark = spark_session(args, "docflow-archive", jars)
+    spark = spark_session(args, "docflow-archive", spark_conf(args, jars))
     spark.sparkContext.setLogLevel("WARN")
     reader = (
         spark.readStream.format("kafka")
@@ -249,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                     for offset in (source.endOffset for source in progress.sources)
                 )
                 print(
-                    f"archive: batch {progress.batchId} committed {progress.numInputRows} rows, up to offsets {offsets}",
+                    f"archive: batch {progress.batchId} committed {progress.numInputRows} rows, "
+                    f"up to offsets {offsets}",
                     flush=True,
                 )
 

@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 import time
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+
+# Beside this file; on YARN it comes with spark-submit --py-files (jobs/emr/submit.py).
+from session import spark_session
 
 EMBEDDINGS_TOPIC = "embeddings.ready"
 
 
 def yesterday_utc() -> dt.date:
-    return dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)
+    return dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,26 +50,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--archive", required=True,
+        "--archive",
+        required=True,
         help="Root of the archive (archive.py's --output), e.g. hdfs://127.0.0.1:8020/docflow/archive.",
     )
     parser.add_argument(
-        "--output", required=True,
+        "--output",
+        required=True,
         help="Root of the report, e.g. hdfs://127.0.0.1:8020/docflow/reports/chunks-per-document, "
-             "s3a://bucket/reports/chunks-per-document (needs the S3A jars, see the module's doc) or file:///path.",
+        "s3a://bucket/reports/chunks-per-document (needs the S3A jars, see the module's doc) or file:///path.",
     )
     parser.add_argument(
-        "--date", type=dt.date.fromisoformat, default=yesterday_utc(),
+        "--date",
+        type=dt.date.fromisoformat,
+        default=yesterday_utc(),
         help="The UTC day to report, YYYY-MM-DD (default: yesterday, UTC).",
     )
     parser.add_argument("--topic", default=EMBEDDINGS_TOPIC, help="The archived topic of ChunkEmbedding events.")
     parser.add_argument(
-        "--master", default=None,
+        "--master",
+        default=None,
         help="Spark master; default local[2], or the one spark-submit was given when it launched this script.",
     )
     parser.add_argument("--driver-memory", default="1g", help="Driver heap when this script starts Spark itself.")
     parser.add_argument(
-        "--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+        "--spark-conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="Any other Spark setting, repeatable, e.g. spark.hadoop.fs.s3a.endpoint=http://127.0.0.1:9000.",
     )
     args = parser.parse_args(argv)
@@ -75,32 +85,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if "=" not in setting:
             parser.error(f"--spark-conf {setting!r} is not KEY=VALUE")
     return args
-
-
-def spark_session(args: argparse.Namespace) -> SparkSession:
-    builder = SparkSession.builder.appName("docflow-daily-report")
-    launched_by_spark_submit = "PYSPARK_GATEWAY_PORT" in os.environ
-    if args.master or not launched_by_spark_submit:
-        builder = builder.master(args.master or "local[2]")
-    if not launched_by_spark_submit:
-        # A JVM this script starts itself: loopback only, and a modest heap.
-        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-        builder = (
-            builder.config("spark.driver.memory", args.driver_memory)
-            .config("spark.driver.host", "127.0.0.1")
-            .config("spark.driver.bindAddress", "127.0.0.1")
-            .config("spark.ui.enabled", "false")
-        )
-    builder = (
-        builder.config("spark.sql.session.timeZone", "UTC")
-        .config("spark.ui.showConsoleProgress", "false")
-        # Overwrite only the partitions (days) this run writes, never the whole report.
-        .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
-    )
-    for setting in args.spark_conf:
-        key, value = setting.split("=", 1)
-        builder = builder.config(key, value)
-    return builder.getOrCreate()
 
 
 def chunks_per_document(archive: DataFrame, day: dt.date, topic: str = EMBEDDINGS_TOPIC) -> DataFrame:
@@ -116,7 +100,14 @@ def chunks_per_document(archive: DataFrame, day: dt.date, topic: str = EMBEDDING
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.monotonic()
-    spark = spark_session(args)
+    spark = spark_session(
+        args,
+        "docflow-daily-report",
+        {
+            # Overwrite only the partitions (days) this run writes, never the whole report.
+            "spark.sql.sources.partitionOverwriteMode": "dynamic"
+        },
+    )
     spark.sparkContext.setLogLevel("WARN")
     try:
         report = chunks_per_document(spark.read.parquet(args.archive), args.date, args.topic).cache()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -40,3 +41,22 @@ async def give_up(
         await app.dlq_topic.send(key=document_id, value=dead),
         await app.send_status(document_id, company_id, "failed", error=error),
     ]
+
+
+async def give_up_on_batch(
+    app: DocflowApp, batch: list, *, topic: str, stage: str, error: str, attempts: int = 1
+) -> None:
+    """Give up on every message of a batch (each names its document) and wait until that is on the broker."""
+    deliveries = []
+    for message in batch:
+        deliveries += await give_up(
+            app,
+            document_id=message.document_id,
+            company_id=message.company_id,
+            topic=topic,
+            stage=stage,
+            error=error,
+            original=message.asdict(),
+            attempts=attempts,
+        )
+    await asyncio.gather(*deliveries)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from agents.dead_letters import give_up
+from agents.dead_letters import give_up_on_batch
 from pipeline import metrics
 from pipeline.embedding import EmbeddingBackend, create_backend
 from pipeline.embedding.cache import CachedBackend
@@ -112,16 +112,7 @@ async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Ch
 
 
 async def _give_up_on(app: DocflowApp, batch: list[Chunk], reason: str, attempts: int) -> None:
-    deliveries = []
-    for chunk in batch:
-        deliveries += await give_up(
-            app,
-            document_id=chunk.document_id,
-            company_id=chunk.company_id,
-            topic=app.chunks_topic.get_topic_name(),
-            stage="embed",
-            error=f"embedding failed: {reason}",
-            original=chunk.asdict(),
-            attempts=attempts,
-        )
-    await asyncio.gather(*deliveries)
+    await give_up_on_batch(
+        app, batch, topic=app.chunks_topic.get_topic_name(), stage="embed", error=f"embedding failed: {reason}",
+        attempts=attempts,
+    )  # fmt: skip

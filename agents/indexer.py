@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_exponential
 
-from agents.dead_letters import give_up
+from agents.dead_letters import give_up_on_batch
 from pipeline import metrics
 from pipeline.errors import VectorIndexError
 from pipeline.index import VectorIndex, open_index
@@ -78,7 +78,9 @@ async def index_batch(app: DocflowApp, index: VectorIndex, batch: list[ChunkEmbe
     try:
         await retrying(_upsert, index, batch)
     except VectorIndexError as exc:
-        await _give_up_on(app, batch, str(exc))
+        await give_up_on_batch(
+            app, batch, topic=app.embeddings_topic.get_topic_name(), stage="index", error=f"indexing failed: {exc}"
+        )
         return
     deliveries = []
     by_document: dict[str, list[ChunkEmbedding]] = defaultdict(list)
@@ -106,18 +108,3 @@ async def _upsert(index: VectorIndex, batch: list[ChunkEmbedding]) -> None:
     except VectorIndexError as exc:
         metrics.index_errors_total.labels("refused" if exc.permanent else "unavailable").inc()
         raise
-
-
-async def _give_up_on(app: DocflowApp, batch: list[ChunkEmbedding], reason: str) -> None:
-    deliveries = []
-    for embedding in batch:
-        deliveries += await give_up(
-            app,
-            document_id=embedding.document_id,
-            company_id=embedding.company_id,
-            topic=app.embeddings_topic.get_topic_name(),
-            stage="index",
-            error=f"indexing failed: {reason}",
-            original=embedding.asdict(),
-        )
-    await asyncio.gather(*deliveries)

@@ -1,15 +1,14 @@
 # syntax=docker/dockerfile:1
 #
 # One image for every docflow role:
-#   docker run docflow:latest worker --role web|chunker|embedder
-# The Kafka broker, MinIO and Prometheus are separate containers (docker-compose.yml):
-# there is no Java in this image.
+#   docker run docflow:latest worker --role web|chunker|embedder|indexer
+# The Kafka broker, MinIO, Milvus and Prometheus are separate containers
+# (docker-compose.yml): there is no Java in this image.
 #
 # Build arguments:
 #   DOCFLOW_EXTRAS  pip extras of the project, comma-separated (default: local = the
-#                   sentence-transformers backend with all-MiniLM-L6-v2's weights).
-#                   An empty value gives a slim image for the openai/hashing backends.
-#   TORCH_INDEX_URL where CPU-only torch comes from when the `local` extra is chosen.
+#                   all-MiniLM-L6-v2 backend on ONNX Runtime: no PyTorch, about 100 MB).
+#                   An empty value gives a slimmer image for the openai/hashing backends.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -17,11 +16,6 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS builder
 
 ARG DOCFLOW_EXTRAS=local
-# torch from PyPI is the CUDA build and pulls several GB of nvidia-* wheels; the
-# workers embed on CPU, so the CPU-only wheel comes from PyTorch's own index. That
-# index is used only here, inside `docker build`, which runs where it is reachable;
-# nothing else in the project (make setup, tests, CI) ever downloads from it.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # pip compiles the installed modules to bytecode here, so workers start faster and
 # never need to write .pyc files into the (root-owned) venv at run time.
@@ -33,13 +27,6 @@ ENV PATH=/opt/venv/bin:$PATH
 
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --upgrade pip setuptools wheel
-
-# CPU torch first, so the project install below finds its requirement satisfied.
-# hadolint ignore=DL3013
-RUN case ",${DOCFLOW_EXTRAS}," in \
-        *,local,*) pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch ;; \
-        *) echo "extras '${DOCFLOW_EXTRAS}' need no torch" ;; \
-    esac
 
 WORKDIR /src
 
@@ -65,10 +52,10 @@ RUN pip install --no-cache-dir --no-deps --force-reinstall . \
 FROM ${PYTHON_IMAGE} AS runtime
 
 LABEL org.opencontainers.image.title="docflow" \
-      org.opencontainers.image.description="Streaming document ingestion on Kafka and Faust: web, chunker and embedder roles" \
+      org.opencontainers.image.description="Streaming document ingestion on Kafka and Faust: web, chunker, embedder and indexer roles" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# Every native dependency (rocksdict, pypdfium2, torch, numpy, selectolax, aiokafka)
+# Every native dependency (rocksdict, pypdfium2, onnxruntime, numpy, selectolax, aiokafka, grpcio)
 # ships manylinux wheels with its libraries bundled: the slim base is all they need.
 RUN groupadd --system --gid 10001 docflow \
     && useradd --system --uid 10001 --gid docflow --home-dir /home/docflow --create-home \

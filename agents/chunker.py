@@ -36,8 +36,9 @@ BATCH_WITHIN_SECONDS = 0.2
 class ExtractionPool:
     """A process pool that is rebuilt when a crashing document (a segfault in a parser) breaks it."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, tokenizer_path: str = "") -> None:
         self.processes = processes or os.cpu_count() or 1
+        self.tokenizer_path = tokenizer_path  # the tokenizer that counts chunk sizes given in tokens
         self._pool: ProcessPoolExecutor | None = None
 
     @property
@@ -67,12 +68,14 @@ class ExtractionPool:
             uploaded.chunk_size,
             uploaded.chunk_overlap,
             extractor,
+            uploaded.chunk_size_unit,
+            self.tokenizer_path,
         )
 
 
 def register(app: DocflowApp) -> None:
     settings = app.settings
-    pool = ExtractionPool(settings.chunker_processes)
+    pool = ExtractionPool(settings.chunker_processes, settings.local_tokenizer_path)
 
     @app.agent(app.raw_topic, name="chunker")
     async def chunk_documents(stream):

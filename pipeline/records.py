@@ -44,6 +44,8 @@ class DocumentUploaded(WireRecord):
     chunk_overlap: int
     title: str
     tags: list[str]
+    # What chunk_size and chunk_overlap count; messages from before it was carried were in characters.
+    chunk_size_unit: str = "chars"
 
 
 class Chunk(WireRecord):

@@ -59,8 +59,11 @@ class Settings(BaseSettings):
     table_standby_replicas: int = Field(1, ge=0, description="Standby copies of the status table on other web workers.")
 
     # Chunking
-    chunk_size: int = Field(1000, ge=1, description="Default chunk size in characters.")
-    chunk_overlap: int = Field(200, ge=0, description="Default overlap between chunks in characters.")
+    chunk_size_unit: Literal["tokens", "chars"] = Field(
+        "tokens", description="What chunk sizes count: the local model's word pieces, or characters."
+    )
+    chunk_size: int = Field(256, ge=1, description="Default chunk size, in chunk_size_unit.")
+    chunk_overlap: int = Field(32, ge=0, description="Default overlap between chunks, in chunk_size_unit.")
     pdf_extractor: Literal["pdfium", "pypdf"] = Field(
         "pdfium", description="PDF text extractor (pypdf is also the fallback)."
     )
@@ -71,6 +74,9 @@ class Settings(BaseSettings):
     embedding_backend: Literal["openai", "local", "hashing"] = Field("local", description="Embedding backend.")
     embedding_model: str = Field("", description="Model name; empty means the backend's default.")
     embedding_batch_size: int = Field(32, ge=1, description="Chunks per embedding batch.")
+    embedding_threads: int = Field(0, ge=0, description="ONNX Runtime threads of the local model; 0 means one per CPU.")
+    local_model_path: str = Field("", description="ONNX file of the local backend; empty means the bundled model.")
+    local_tokenizer_path: str = Field("", description="tokenizer.json of that model; empty means the bundled one.")
     openai_base_url: str = Field("", description="OpenAI-compatible base URL; empty falls back to OPENAI_BASE_URL.")
     openai_api_key: str = Field("", description="API key; empty falls back to OPENAI_API_KEY.")
     openai_dimensions: int = Field(

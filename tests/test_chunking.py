@@ -405,3 +405,28 @@ def test_chunk_document_runs_in_a_process_pool():
     # the reason comes back across the process boundary as the exception the agent catches
     assert isinstance(failure, EncryptedPDFError)
     assert str(failure).startswith("PDF is encrypted")
+
+
+def test_chunks_sized_in_tokens_fit_the_local_model_whole():
+    from pipeline.text.tokens import MAX_TOKENS, count_tokens
+
+    pages = lorem_pages(n_pages=3, words_per_page=900, seed=11)
+    chunks = split_pages(pages, 256, 32, unit="tokens")
+    sizes = [count_tokens(chunk.text) for chunk in chunks]
+    assert len(chunks) > 6
+    assert max(sizes) <= 256 <= MAX_TOKENS
+    # Counted in characters, the same text makes chunks the model would cut.
+    assert max(count_tokens(chunk.text) for chunk in split_pages(pages, 1500, 200)) > MAX_TOKENS
+
+
+def test_chunk_document_takes_its_unit_through_the_process_pool():
+    data = make_pdf(lorem_pages(n_pages=2, words_per_page=400, seed=5))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        chunked = pool.submit(chunk_document, data, "application/pdf", 128, 16, "pdfium", "tokens").result()
+    assert chunked == chunk_document(data, "application/pdf", 128, 16, "pdfium", "tokens")
+    assert chunked.chunks and all(chunk.page in (1, 2) for chunk in chunked.chunks)
+
+
+def test_an_unknown_size_unit_is_refused_before_extracting():
+    with pytest.raises(ValueError, match="tokens or chars"):
+        chunk_document(b"not even parsed", "application/pdf", 100, 10, "pdfium", "lines")

@@ -1,4 +1,4 @@
-"""Embedding backends: stable hashing vectors, a real offline model, and an event loop that keeps running."""
+"""Embedding backends: stable hashing vectors, the real model on ONNX Runtime, and an event loop that keeps running."""
 
 from __future__ import annotations
 
@@ -114,19 +114,40 @@ async def test_local_model_ranks_paraphrase_above_unrelated_text(local_backend):
     assert dot(query, paraphrase) > dot(query, unrelated) + 0.4
 
 
-async def test_local_model_is_loaded_once_per_process(local_backend, monkeypatch):
-    import sentence_transformers
+async def test_local_model_agrees_with_the_sentence_transformers_reference(local_backend):
+    # Texts and vectors computed once with sentence-transformers (PyTorch, fp32 weights): the
+    # ONNX backend must land on the same points, or the index would mix two vector spaces.
+    reference = json.loads((REPO_ROOT / "tests" / "fixtures" / "minilm_reference.json").read_text())
+    items = reference["items"]
+    vectors = await local_backend.embed([item["text"] for item in items])
+    cosines = [dot(vector, item["vector"]) / norm(item["vector"]) for vector, item in zip(vectors, items, strict=True)]
+    assert len(cosines) == 24
+    assert min(cosines) >= 0.99
+    assert sum(cosines) / len(cosines) >= 0.999
 
-    real_constructor = sentence_transformers.SentenceTransformer
-    constructed: list[str] = []
+
+async def test_local_model_counts_every_text_it_had_to_cut(local_backend):
+    from prometheus_client import REGISTRY
+
+    def truncated() -> float:
+        return REGISTRY.get_sample_value("embedding_truncated_texts_total", {"model_name": "all-MiniLM-L6-v2"}) or 0.0
+
+    before = truncated()
+    await local_backend.embed([TEXT, " ".join([TEXT] * 30), " ".join([TEXT] * 40)])
+    assert truncated() - before == 2
+
+
+async def test_local_model_is_loaded_once_per_process(local_backend, monkeypatch):
+    real_constructor = local.MiniLM
+    constructed: list[tuple] = []
 
     def counting_constructor(*args, **kwargs):
-        constructed.append(args[0])
+        constructed.append(args)
         return real_constructor(*args, **kwargs)
 
     # A cold process: an empty cache, and four backends whose worker threads race to load.
     monkeypatch.setattr(local, "_loaded_models", {})
-    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", counting_constructor)
+    monkeypatch.setattr(local, "MiniLM", counting_constructor)
     backends = [LocalBackend() for _ in range(4)]
     try:
         vectors = await asyncio.gather(*(backend.embed([TEXT]) for backend in backends))

@@ -14,7 +14,6 @@ import pytest
 
 from pipeline.client import DocflowClient
 from pipeline.errors import ApiError
-from pipeline.ids import chunk_id
 from pipeline.local import documents
 from pipeline.local.ports import free_port
 from pipeline.local.workers import ROLE_INPUTS, WorkerStack, worker_env

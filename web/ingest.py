@@ -25,6 +25,7 @@ from pipeline.text.content_types import detect_content_type
 
 if TYPE_CHECKING:
     from pipeline.app import DocflowApp
+    from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,18 @@ MAX_TAGS = 50
 MAX_TAG_CHARS = 100
 
 
+# Each unit's default sizes and bounds: 256 word pieces is what all-MiniLM-L6-v2 reads whole.
+CHUNK_SIZES = {
+    "tokens": {"default": (256, 32), "range": (16, 8192)},
+    "chars": {"default": (1000, 200), "range": (50, 100_000)},
+}
+
+
 @dataclass
 class IngestOptions:
     chunk_size: int
     chunk_overlap: int
+    chunk_size_unit: str = "chars"
     title: str = ""
     tags: list[str] = field(default_factory=list)
 
@@ -54,8 +63,20 @@ def company_from(value: str | None) -> str:
     return value
 
 
-def options_from(raw: dict, defaults_size: int, defaults_overlap: int) -> IngestOptions:
-    """Validated chunking options and metadata from form fields or JSON (422 when malformed)."""
+def options_from(raw: dict, settings: Settings) -> IngestOptions:
+    """Validated chunking options and metadata from form fields or JSON (422 when malformed).
+
+    Sizes not given are the settings' for their unit, or that unit's defaults when the
+    request asks for another unit than the settings' one.
+    """
+    unit = raw.get("chunk_size_unit") or settings.chunk_size_unit
+    if unit not in CHUNK_SIZES:
+        raise RequestError(422, "invalid_parameter", f"chunk_size_unit must be tokens or chars, got {unit!r}")
+    if unit == settings.chunk_size_unit:
+        defaults_size, defaults_overlap = settings.chunk_size, settings.chunk_overlap
+    else:
+        defaults_size, defaults_overlap = CHUNK_SIZES[unit]["default"]
+    low, high = CHUNK_SIZES[unit]["range"]
 
     def integer(name: str, default: int) -> int:
         value = raw.get(name)
@@ -71,8 +92,8 @@ def options_from(raw: dict, defaults_size: int, defaults_overlap: int) -> Ingest
 
     size = integer("chunk_size", defaults_size)
     overlap = integer("chunk_overlap", defaults_overlap)
-    if not 50 <= size <= 100_000:
-        raise RequestError(422, "invalid_parameter", "chunk_size must be between 50 and 100000")
+    if not low <= size <= high:
+        raise RequestError(422, "invalid_parameter", f"chunk_size must be between {low} and {high} {unit}")
     if not 0 <= overlap < size:
         raise RequestError(422, "invalid_parameter", "chunk_overlap must be at least 0 and less than chunk_size")
     title = raw.get("title") or ""
@@ -89,7 +110,7 @@ def options_from(raw: dict, defaults_size: int, defaults_overlap: int) -> Ingest
         raise RequestError(
             422, "invalid_parameter", f"tags must be a list of at most {MAX_TAGS} strings of {MAX_TAG_CHARS} characters"
         )
-    return IngestOptions(size, overlap, title, tags)
+    return IngestOptions(size, overlap, unit, title, tags)
 
 
 async def sniff(pieces: AsyncIterator[bytes]) -> tuple[bytes, AsyncIterator[bytes]]:
@@ -151,7 +172,7 @@ async def receive(
     filename = sanitize_filename(filename)
     head, pieces = await sniff(pieces)
     content_type = check_type(company_id, filename, declared, head)
-    options_from(fields, app.settings.chunk_size, app.settings.chunk_overlap)  # refuse before storing
+    options_from(fields, app.settings)  # refuse before storing
     document_id = new_document_id()
     stored = await _store(app, company_id, document_id, filename, content_type, pieces)
     return Received(document_id, company_id, filename, content_type, stored)
@@ -160,7 +181,7 @@ async def receive(
 async def accept(app: DocflowApp, received: Received, fields: dict) -> None:
     """Validate the request's complete options and announce the document; its original goes when either fails."""
     try:
-        options = options_from(fields, app.settings.chunk_size, app.settings.chunk_overlap)
+        options = options_from(fields, app.settings)
     except BaseException:
         await discard(app, received)
         raise
@@ -204,6 +225,7 @@ async def _announce(app: DocflowApp, received: Received, options: IngestOptions)
         uploaded_ms=status.at_ms,
         chunk_size=options.chunk_size,
         chunk_overlap=options.chunk_overlap,
+        chunk_size_unit=options.chunk_size_unit,
         title=options.title,
         tags=options.tags,
     )

@@ -20,11 +20,14 @@ from pipeline.settings import get_settings
 @click.option("--company", required=True, help="Company id the documents belong to.")
 @click.option("--chunk-size", type=int, default=None)
 @click.option("--chunk-overlap", type=int, default=None)
+@click.option(
+    "--chunk-size-unit", type=click.Choice(["tokens", "chars"]), default=None, help="What the chunk sizes count."
+)
 @click.option("--title", default=None)
 @click.option("--tags", default=None, help="Comma-separated tags.")
 @click.option("--wait", is_flag=True, help="Follow the documents until completed or failed.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds --wait waits.")
-def upload(paths, company, chunk_size, chunk_overlap, title, tags, wait, timeout) -> None:
+def upload(paths, company, chunk_size, chunk_overlap, chunk_size_unit, title, tags, wait, timeout) -> None:
     """Upload files through the web API, with a progress bar."""
     settings = get_settings()
     total_bytes = sum(path.stat().st_size for path in paths)
@@ -37,7 +40,13 @@ def upload(paths, company, chunk_size, chunk_overlap, title, tags, wait, timeout
                 for path in paths:
                     try:
                         answer = await client.upload(
-                            path, bar.update, chunk_size=chunk_size, chunk_overlap=chunk_overlap, title=title, tags=tags
+                            path,
+                            bar.update,
+                            chunk_size=chunk_size,
+                            chunk_overlap=chunk_overlap,
+                            chunk_size_unit=chunk_size_unit,
+                            title=title,
+                            tags=tags,
                         )
                     except ApiError as exc:
                         if exc.status == 503:

@@ -244,6 +244,10 @@ def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
             "DOCFLOW_KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
             "DOCFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
             "DOCFLOW_EMBEDDING_BACKEND": "hashing",
+            # Sizes in characters: the hashing backend has no word-piece limit to fit.
+            "DOCFLOW_CHUNK_SIZE_UNIT": "chars",
+            "DOCFLOW_CHUNK_SIZE": "1000",
+            "DOCFLOW_CHUNK_OVERLAP": "200",
             "DOCFLOW_INDEX": settings.index,
             "DOCFLOW_MILVUS_URI": settings.milvus_address,
             "DOCFLOW_CHUNKER_PROCESSES": "2",

@@ -74,6 +74,7 @@ bench: setup $(VENV)/.bench-installed
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/e2e.py --backend hashing --scaling --profile bench/results/profile-hashing
 	$(BIN)/python bench/e2e.py --backend local
+	$(BIN)/python bench/search.py
 	$(BIN)/python bench/report.py
 
 $(VENV)/.bench-installed: setup.cfg

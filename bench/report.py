@@ -32,6 +32,7 @@ SECTIONS = (
     ),
     ("extract.md", "extract.json", "PDF extraction: pypdfium2 against pypdf", "python bench/extract.py"),
     ("embed.md", "embed.json", "Embedding backends", "python bench/embed.py"),
+    ("search.md", "search.json", "Search and indexing (Milvus)", "python bench/search.py"),
 )
 
 

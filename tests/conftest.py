@@ -15,7 +15,11 @@ from pipeline.settings import Settings
 def kafka_settings(tmp_path_factory) -> Settings:
     """Settings of a local broker started for this test session, exactly as `docflow kafka start` does."""
     settings = Settings(
-        home=tmp_path_factory.mktemp("docflow-home"), kafka_port=free_port(), kafka_controller_port=free_port()
+        home=tmp_path_factory.mktemp("docflow-home"),
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+        # The pipeline ends at embeddings.ready unless a test asks for the index (milvus_settings).
+        index="none",
     )
     broker = LocalBroker(settings)
     broker.start()

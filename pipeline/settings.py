@@ -62,8 +62,8 @@ class Settings(BaseSettings):
     chunk_size_unit: Literal["tokens", "chars"] = Field(
         "tokens", description="What chunk sizes count: the local model's word pieces, or characters."
     )
-    chunk_size: int = Field(256, ge=1, description="Default chunk size, in chunk_size_unit.")
-    chunk_overlap: int = Field(32, ge=0, description="Default overlap between chunks, in chunk_size_unit.")
+    chunk_size: int = Field(250, ge=1, description="Default chunk size, in chunk_size_unit.")
+    chunk_overlap: int = Field(30, ge=0, description="Default overlap between chunks, in chunk_size_unit.")
     pdf_extractor: Literal["pdfium", "pypdf"] = Field(
         "pdfium", description="PDF text extractor (pypdf is also the fallback)."
     )

@@ -408,15 +408,17 @@ def test_chunk_document_runs_in_a_process_pool():
 
 
 def test_chunks_sized_in_tokens_fit_the_local_model_whole():
-    from pipeline.text.tokens import MAX_TOKENS, count_tokens
+    from pipeline.text.tokens import MAX_TOKENS, load_tokenizer
+
+    def read_by_model(text: str) -> int:  # [CLS] and [SEP] included, as the model reads it
+        return len(load_tokenizer("", None).encode(text).ids)
 
     pages = lorem_pages(n_pages=3, words_per_page=900, seed=11)
-    chunks = split_pages(pages, 256, 32, unit="tokens")
-    sizes = [count_tokens(chunk.text) for chunk in chunks]
+    chunks = split_pages(pages, 250, 30, unit="tokens")
     assert len(chunks) > 6
-    assert max(sizes) <= 256 <= MAX_TOKENS
+    assert max(read_by_model(chunk.text) for chunk in chunks) <= MAX_TOKENS
     # Counted in characters, the same text makes chunks the model would cut.
-    assert max(count_tokens(chunk.text) for chunk in split_pages(pages, 1500, 200)) > MAX_TOKENS
+    assert max(read_by_model(chunk.text) for chunk in split_pages(pages, 1500, 200)) > MAX_TOKENS
 
 
 def test_chunk_document_takes_its_unit_through_the_process_pool():

@@ -16,7 +16,7 @@ def settings(tmp_path) -> Settings:
 
 def test_sizes_default_to_the_settings_in_the_models_tokens(settings):
     options = options_from({}, settings)
-    assert (options.chunk_size_unit, options.chunk_size, options.chunk_overlap) == ("tokens", 256, 32)
+    assert (options.chunk_size_unit, options.chunk_size, options.chunk_overlap) == ("tokens", 250, 30)
 
 
 def test_a_request_in_characters_gets_the_character_defaults(settings):

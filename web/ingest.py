@@ -35,9 +35,10 @@ MAX_TAGS = 50
 MAX_TAG_CHARS = 100
 
 
-# Each unit's default sizes and bounds: 256 word pieces is what all-MiniLM-L6-v2 reads whole.
+# Each unit's default sizes and bounds: 250 word pieces and the model's [CLS] and [SEP] fit
+# the 256 that all-MiniLM-L6-v2 reads whole.
 CHUNK_SIZES = {
-    "tokens": {"default": (256, 32), "range": (16, 8192)},
+    "tokens": {"default": (250, 30), "range": (16, 8192)},
     "chars": {"default": (1000, 200), "range": (50, 100_000)},
 }
 

@@ -82,7 +82,10 @@ async def baseline(paths: list[Path], backend_name: str, batch_size: int) -> dic
     for path in paths:
         data = path.read_bytes()
         content_type = detect_content_type(path.name, None, data[:512])
-        chunked = chunk_document(data, content_type, settings.chunk_size, settings.chunk_overlap)
+        chunked = chunk_document(
+            data, content_type, settings.chunk_size, settings.chunk_overlap, settings.pdf_extractor,
+            settings.chunk_size_unit,
+        )  # fmt: skip
         texts = [piece.text for piece in chunked.chunks]
         for start in range(0, len(texts), batch_size):
             await backend.embed(texts[start : start + batch_size])

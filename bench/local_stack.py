@@ -33,6 +33,10 @@ class LocalStack:
                 DOCFLOW_EMBEDDING_BATCH_SIZE=str(batch_size),
                 DOCFLOW_EMBEDDING_CACHE="false",
                 DOCFLOW_CHUNKER_PROCESSES="0",
+                # The deployment's chunk sizes (in the model's tokens), which e2e.py's baseline uses too.
+                DOCFLOW_CHUNK_SIZE_UNIT=self.settings.chunk_size_unit,
+                DOCFLOW_CHUNK_SIZE=str(self.settings.chunk_size),
+                DOCFLOW_CHUNK_OVERLAP=str(self.settings.chunk_overlap),
             ),
             home / "logs",
         )

@@ -16,7 +16,7 @@ from pipeline.client import DocflowClient
 from pipeline.errors import ApiError
 from pipeline.local import documents
 from pipeline.local.ports import free_port
-from pipeline.local.workers import ROLE_INPUTS, WorkerStack, worker_env
+from pipeline.local.workers import WorkerStack, worker_env
 from pipeline.settings import REPO_ROOT
 from pipeline.text.chunking import chunk_document
 from pipeline.topics import DOCUMENTS_DLQ, EMBEDDINGS_READY
@@ -95,7 +95,7 @@ async def test_restarted_web_worker_serves_the_same_statuses(stack, tmp_path):
     stack.stop(second)
     restarted = stack.start("web", second.port)
     stack.wait_healthy([restarted])
-    stack.wait_balanced(ROLE_INPUTS, stack.settings.topic_partitions)
+    stack.wait_balanced()
     for worker in (restarted, first):
         async with DocflowClient(worker.url, company) as client:
             deadline = time.monotonic() + 60

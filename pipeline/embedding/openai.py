@@ -1,4 +1,9 @@
-"""The ``openai`` backend: any OpenAI-compatible ``/embeddings`` server through the official client."""
+"""The ``openai`` backend: any OpenAI-compatible ``/embeddings`` server through the official client.
+
+Over 300 lines because one class holds what one request's fate depends on: splitting a
+batch into requests, the error each HTTP answer becomes (permanent or not), and the checks
+a 200 answer must pass before its vectors are trusted.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """An OpenAI-compatible embeddings server on loopback, for tests and benchmarks.
 
+Over 300 lines: every misbehaviour the backend must survive is one switch here, in one place.
+
 ``POST /v1/embeddings`` answers in the OpenAI response shape with deterministic vectors
 (:func:`vector_for`), records every request, and misbehaves on demand: random 429/500
 answers from a seeded RNG, a fixed number of failures in a row, 401 for every call,

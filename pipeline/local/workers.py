@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +160,7 @@ class WorkerStack:
         """Start ``counts[role]`` processes of each role; return once all are healthy and balanced."""
         started = [self.start(role, free_port()) for role, count in counts.items() for _ in range(count)]
         self.wait_healthy(started)
-        self.wait_balanced({role: ROLE_INPUTS[role] for role in counts}, self.settings.topic_partitions)
+        self.wait_balanced(counts)
         return started
 
     def wait_healthy(self, workers: list[Worker], timeout: float = 120.0) -> None:
@@ -181,12 +182,16 @@ class WorkerStack:
                 "workers not healthy in time:\n" + "\n".join(f"{w.role}:\n{tail(w.log_path)}" for w in pending)
             )
 
-    def wait_balanced(self, inputs: dict[str, str], partitions: int, timeout: float = 120.0) -> None:
-        """Wait until each role's processes together own every partition of its input topic.
+    def wait_balanced(self, roles: Iterable[str] | None = None, timeout: float = 120.0) -> None:
+        """Wait until each role's processes (every running role's by default) together own every
+        partition of its input topic.
 
         Uploading while a role's group still rebalances gets messages redelivered (at-least-once),
         which a test that counts deliveries must not see.
         """
+        running = {worker.role for worker in self.workers if worker.alive()}
+        inputs = {role: ROLE_INPUTS[role] for role in (running if roles is None else roles)}
+        partitions = self.settings.topic_partitions
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(self._owned(role, topic) == set(range(partitions)) for role, topic in inputs.items()):

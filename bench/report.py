@@ -27,7 +27,7 @@ SECTIONS = (
     (
         "e2e-local.md",
         "e2e-local.json",
-        "End to end, local model (all-MiniLM-L6-v2)",
+        "End to end, local model (all-MiniLM-L6-v2 on ONNX Runtime)",
         "python bench/e2e.py --backend local",
     ),
     ("extract.md", "extract.json", "PDF extraction: pypdfium2 against pypdf", "python bench/extract.py"),

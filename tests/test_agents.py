@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from agents import embedder
+from agents import embedder, indexer
 from pipeline.app import DocflowApp
 from pipeline.embedding import EmbeddingBackend
-from pipeline.errors import EmbeddingError
-from pipeline.records import Chunk
+from pipeline.errors import EmbeddingError, VectorIndexError
+from pipeline.records import Chunk, ChunkEmbedding
 
 
 class FlakyBackend(EmbeddingBackend):
@@ -121,3 +121,57 @@ async def test_unexpected_backend_error_fails_the_documents_instead_of_crashing_
     await embedder.embed_batch(app, BrokenBackend(failures=0, permanent=False), chunks(2))
     assert len(app.dlq_topic.sent) == 2
     assert "ZeroDivisionError" in app.status_topic.sent[0].error
+
+
+class FlakyIndex:
+    """An index that is unreachable ``failures`` times (or refuses, when ``permanent``), then takes writes."""
+
+    def __init__(self, failures: int, permanent: bool) -> None:
+        self.failures = failures
+        self.permanent = permanent
+        self.calls = 0
+        self.written: list[str] = []
+
+    async def upsert(self, embeddings) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise VectorIndexError("Milvus hiccup", permanent=self.permanent)
+        self.written += [embedding.chunk_id for embedding in embeddings]
+
+
+def embeddings(n: int) -> list[ChunkEmbedding]:
+    return [
+        ChunkEmbedding(
+            chunk_id=f"c{i}",
+            document_id="doc-1",
+            company_id="acme",
+            index=i,
+            vector=[1.0, 0.0],
+            model="m",
+            dims=2,
+            created_ms=1,
+            text=f"text {i}",
+            page=1,
+        )  # fmt: skip
+        for i in range(n)
+    ]
+
+
+async def test_an_unreachable_index_is_waited_for_and_nothing_is_given_up(monkeypatch):
+    monkeypatch.setattr(indexer, "wait_exponential", lambda **kwargs: lambda retry_state: 0)
+    app, index = RecordingApp(), FlakyIndex(failures=7, permanent=False)
+    await indexer.index_batch(app, index, embeddings(3))
+    assert index.calls == 8 and index.written == ["c0", "c1", "c2"]
+    [progress] = app.status_topic.sent
+    assert (progress.stage, progress.indexed_indexes, progress.chunks_indexed) == ("embedding", [0, 1, 2], 3)
+    assert app.dlq_topic.sent == []
+
+
+async def test_a_write_the_index_refuses_dead_letters_the_batch_and_fails_the_document():
+    app, index = RecordingApp(), FlakyIndex(failures=1, permanent=True)
+    await indexer.index_batch(app, index, embeddings(2))
+    assert index.calls == 1 and index.written == []
+    assert [letter.original["chunk_id"] for letter in app.dlq_topic.sent] == ["c0", "c1"]
+    assert {letter.stage for letter in app.dlq_topic.sent} == {"index"}
+    assert {status.stage for status in app.status_topic.sent} == {"failed"}
+    assert "Milvus hiccup" in app.status_topic.sent[0].error

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -129,6 +133,30 @@ async def test_malformed_searches_are_refused_with_the_reason(stack, body, statu
         with pytest.raises(ApiError) as refused:
             await client.search(**body)
     assert (refused.value.status, refused.value.code) == (status, code)
+
+
+async def test_docflow_search_prints_the_companys_best_chunks(stack, tmp_path):
+    company = f"cli-{uuid.uuid4().hex[:8]}"
+    web = stack.of_role("web")[0]
+    async with DocflowClient(web.url, company) as client:
+        answer = await client.upload_text(
+            "The lighthouse keeper logs every passing ship in a leather-bound book. " * 6, title="keeper"
+        )
+    await wait_all(web.url, company, [answer["document_id"]])
+    env = dict(os.environ, DOCFLOW_WEB_HOST="127.0.0.1", DOCFLOW_WEB_PORT=str(web.port))
+
+    def docflow(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "pipeline.cli", "search", *args, "--company", company]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+    as_json = docflow("ships logged by the keeper", "--json", "--top-k", "2")
+    assert as_json.returncode == 0, as_json.stderr
+    [hit] = json.loads(as_json.stdout)["results"]
+    assert hit["document_id"] == answer["document_id"] and "lighthouse keeper" in hit["text"]
+    printed = docflow("ships logged by the keeper")
+    assert printed.returncode == 0 and printed.stdout.startswith("1. ") and "keeper, page 1" in printed.stdout
+    refused = docflow("")
+    assert refused.returncode == 1 and "invalid_query" in refused.stderr
 
 
 async def test_killed_indexer_and_milvus_down_for_20_seconds_lose_and_double_nothing(

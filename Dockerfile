@@ -1,16 +1,19 @@
 # syntax=docker/dockerfile:1
 #
 # One image for every docflow role:
-#   docker run docflow:latest worker --role web|chunker|embedder|indexer
+#   docker run docflow:0.1.0 worker --role web|chunker|embedder|indexer
 # The Kafka broker, MinIO, Milvus and Prometheus are separate containers
 # (docker-compose.yml): there is no Java in this image.
 #
 # Build arguments:
 #   DOCFLOW_EXTRAS  pip extras of the project, comma-separated (default: local = the
 #                   all-MiniLM-L6-v2 backend on ONNX Runtime: no PyTorch, about 100 MB).
-#                   An empty value gives a slimmer image for the openai/hashing backends.
+#                   An empty value gives a slimmer image for the openai/hashing backends;
+#                   local,ocr adds the offline OCR engine (RapidOCR, about 200 MB) for
+#                   DOCFLOW_OCR=local.
 
-ARG PYTHON_IMAGE=python:3.11-slim
+# An exact release, so a rebuild gets the same Python and Debian (bump it on purpose).
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 # --------------------------------------------------------------------------- builder
 FROM ${PYTHON_IMAGE} AS builder
@@ -55,7 +58,7 @@ LABEL org.opencontainers.image.title="docflow" \
       org.opencontainers.image.description="Streaming document ingestion on Kafka and Faust: web, chunker, embedder and indexer roles" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# Every native dependency (rocksdict, pypdfium2, onnxruntime, numpy, selectolax, aiokafka, grpcio)
+# Every native dependency (rocksdict, pypdfium2, onnxruntime, numpy, lxml, aiokafka, grpcio)
 # ships manylinux wheels with its libraries bundled: the slim base is all they need.
 RUN groupadd --system --gid 10001 docflow \
     && useradd --system --uid 10001 --gid docflow --home-dir /home/docflow --create-home \

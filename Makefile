@@ -14,7 +14,7 @@ setup: $(VENV)/.installed $(KAFKA_LIBS)/.fetched
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[local,test]'
+	$(BIN)/python -m pip install -q -e '.[local,ocr,test]'
 	touch $@
 
 $(KAFKA_LIBS)/.fetched: infra/kafka/pom.xml

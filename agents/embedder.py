@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from agents.dead_letters import give_up_on_batch
+from agents.lifecycle import live_messages
 from pipeline import metrics
 from pipeline.embedding import EmbeddingBackend, create_backend
 from pipeline.embedding.cache import CachedBackend
@@ -53,6 +54,9 @@ async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Ch
     """Embed one batch; returns once every message it produced is acknowledged."""
     started = time.perf_counter()
     metrics.embedding_messages_consumed_total.inc(len(batch))
+    batch = await live_messages(app, batch, "embedder")
+    if not batch:
+        return
     texts = [chunk.text for chunk in batch]
     retrying = AsyncRetrying(
         retry=retry_if_exception(_transient),
@@ -109,6 +113,7 @@ async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Ch
         )
     await asyncio.gather(*deliveries)
     metrics.embedding_batch_processing_duration_seconds.observe(time.perf_counter() - started)
+    log.info("embedded %s", ", ".join(f"{len(chunks)} chunks of {doc}" for doc, chunks in by_document.items()))
 
 
 async def _give_up_on(app: DocflowApp, batch: list[Chunk], reason: str, attempts: int) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_exponential
 
 from agents.dead_letters import give_up_on_batch
+from agents.lifecycle import live_messages, register_vector_removal
 from pipeline import metrics
 from pipeline.errors import VectorIndexError
 from pipeline.index import VectorIndex, open_index
@@ -61,6 +62,8 @@ def register(app: DocflowApp) -> None:
                 except VectorIndexError as exc:
                     log.warning("sealing the index failed, retried at the next pause: %s", exc)
 
+    register_vector_removal(app, index)
+
     @app.on_before_shutdown.connect
     async def close_index(app_, **kwargs) -> None:
         await index.close()
@@ -69,6 +72,9 @@ def register(app: DocflowApp) -> None:
 async def index_batch(app: DocflowApp, index: VectorIndex, batch: list[ChunkEmbedding]) -> None:
     """Upsert one batch; returns once it is searchable and every message it produced is acknowledged."""
     started = time.perf_counter()
+    batch = await live_messages(app, batch, "indexer")
+    if not batch:
+        return
     retrying = AsyncRetrying(
         retry=retry_if_exception(_unavailable),
         wait=wait_exponential(multiplier=0.5, max=15),
@@ -86,6 +92,10 @@ async def index_batch(app: DocflowApp, index: VectorIndex, batch: list[ChunkEmbe
     by_document: dict[str, list[ChunkEmbedding]] = defaultdict(list)
     for embedding in batch:
         by_document[embedding.document_id].append(embedding)
+    # A command that came while this batch was written: its chunks must not stay behind.
+    ended = [doc for doc in by_document if app.lifecycle.stopped(doc) is not None]
+    for document_id in ended:
+        await retrying(index.delete_documents, by_document.pop(document_id)[0].company_id, [document_id])
     for document_id, embeddings in by_document.items():
         deliveries.append(
             await app.send_status(

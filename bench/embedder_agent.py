@@ -16,6 +16,7 @@ import uuid
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.local_stack import LocalStack
+from pipeline.broker_security import client_options
 from pipeline.ids import chunk_id
 from pipeline.records import Chunk, now_ms
 from pipeline.settings import Settings
@@ -26,11 +27,15 @@ async def _produce_and_wait(settings: Settings, texts: list[str], company: str) 
     """Seconds from the first chunk produced to the last embedding read back."""
     document_id = str(uuid.uuid4())
     consumer = AIOKafkaConsumer(
-        EMBEDDINGS_READY.name, bootstrap_servers=settings.bootstrap_servers, group_id=None, auto_offset_reset="latest"
+        EMBEDDINGS_READY.name,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="latest",
+        **client_options(settings),
     )
     await consumer.start()
     await consumer.getmany(timeout_ms=500)  # join the topic's end before producing
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, **client_options(settings))
     await producer.start()
     try:
         started = time.perf_counter()

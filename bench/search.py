@@ -38,12 +38,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from bench.cpu import CpuMeter, tree_cpu_seconds
 from bench.local_stack import LocalStack
 from bench.report import RESULTS_DIR, save
+from pipeline.broker_security import client_options
 from pipeline.client import DocflowClient
 from pipeline.errors import ApiError
 from pipeline.ids import chunk_id
 from pipeline.index.milvus import MilvusIndex, collection_name
 from pipeline.local.documents import lorem_pages
 from pipeline.records import ChunkEmbedding, now_ms
+from pipeline.settings import Settings
 from pipeline.topics import DOCUMENTS_STATUS, EMBEDDINGS_READY
 
 MODEL, BASELINE_MODEL, DIMS = "hashing-v1", "hashing-v1-baseline", 384
@@ -104,10 +106,14 @@ def percentile(values: list[float], q: float) -> float:
 class Indexed:
     """Chunks the indexer reports indexed (documents.status, chunks_indexed) for some documents, from now on."""
 
-    def __init__(self, bootstrap: str, documents: set[str]) -> None:
+    def __init__(self, settings: Settings, documents: set[str]) -> None:
         self.documents, self.count = documents, 0
         self.consumer = AIOKafkaConsumer(
-            DOCUMENTS_STATUS.name, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="latest"
+            DOCUMENTS_STATUS.name,
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=None,
+            auto_offset_reset="latest",
+            **client_options(settings),
         )
 
     async def __aenter__(self) -> Indexed:
@@ -129,13 +135,13 @@ class Indexed:
         return self.count
 
 
-async def fill(bootstrap: str, index, corpus, start: int, end: int, meter: CpuMeter) -> dict:
+async def fill(settings: Settings, index, corpus, start: int, end: int, meter: CpuMeter) -> dict:
     """Produce rows [start, end) to embeddings.ready; seconds until the indexer reports them all indexed."""
     batch = messages(corpus, start, end)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, **client_options(settings))
     await producer.start()
     try:
-        async with Indexed(bootstrap, {key.decode() for key, _ in batch}) as indexed:
+        async with Indexed(settings, {key.decode() for key, _ in batch}) as indexed:
             meter.start()
             started = time.perf_counter()
             for key, value in batch:
@@ -207,17 +213,17 @@ async def search_latency(url: str, corpus, indexed: int, queries: int, budget_s:
             "server_p50_ms": percentile(server_ms, 50), "source_found": found / ok}  # fmt: skip
 
 
-def ingest_process(bootstrap: str, path: str, stop, results, backlog: int) -> None:
+def ingest_process(settings: Settings, path: str, stop, results, backlog: int) -> None:
     """Another process: send the pickled records over and over, at most ``backlog`` ahead of the indexer."""
-    results.put(asyncio.run(_ingest(bootstrap, pickle.loads(Path(path).read_bytes()), stop, backlog)))
+    results.put(asyncio.run(_ingest(settings, pickle.loads(Path(path).read_bytes()), stop, backlog)))
 
 
-async def _ingest(bootstrap: str, batch: list[tuple[bytes, bytes]], stop, backlog: int) -> dict:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+async def _ingest(settings: Settings, batch: list[tuple[bytes, bytes]], stop, backlog: int) -> dict:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, **client_options(settings))
     await producer.start()
     produced = 0
     try:
-        async with Indexed(bootstrap, {key.decode() for key, _ in batch}) as indexed:
+        async with Indexed(settings, {key.decode() for key, _ in batch}) as indexed:
             started = time.perf_counter()
             while not stop.is_set():
                 if produced - indexed.count < backlog:
@@ -282,10 +288,10 @@ async def flush(index: MilvusIndex) -> float:
 
 async def measure_size(stack: LocalStack, index, corpus, start: int, size: int, args, seed: int) -> dict:
     """Fill from ``start`` to ``size`` chunks (the baseline, then the indexer), then the four search rows."""
-    url, bootstrap = stack.web_url, stack.settings.bootstrap_servers
+    url = stack.web_url
     meter = CpuMeter({**stack.processes(), "milvus": stack.milvus.pid(), "benchmark": os.getpid()})
     result = {"size": size, "baseline": await baseline(index, corpus, start, size, meter)}
-    result["indexer"] = await fill(bootstrap, index, corpus, start, size, meter)
+    result["indexer"] = await fill(stack.settings, index, corpus, start, size, meter)
     result["ratio"] = result["indexer"]["chunks_per_s"] / result["baseline"]["chunks_per_s"]
     indexer, base = result["indexer"], result["baseline"]
     print(f"{size:,}: indexer {indexer['chunks_per_s']:.0f} chunks/s in {indexer['seconds']:.0f} s, "
@@ -313,7 +319,9 @@ async def measure_size(stack: LocalStack, index, corpus, start: int, size: int, 
         handle.flush()
         context = multiprocessing.get_context("spawn")
         stop, results = context.Event(), context.Queue()
-        process = context.Process(target=ingest_process, args=(bootstrap, handle.name, stop, results, args.backlog))
+        process = context.Process(
+            target=ingest_process, args=(stack.settings, handle.name, stop, results, args.backlog)
+        )
         process.start()
         try:
             await asyncio.sleep(5)  # the process's start and the indexer's first batches
@@ -345,7 +353,7 @@ async def measure_all(stack: LocalStack, args, corpus) -> list[dict]:
         # Warm-up: both collections created and loaded, the indexer's first batches, out of the figures.
         indexed, meter = min(args.warmup, args.sizes[0]), CpuMeter({})
         await baseline(index, corpus, 0, indexed, meter)
-        await fill(stack.settings.bootstrap_servers, index, corpus, 0, indexed, meter)
+        await fill(stack.settings, index, corpus, 0, indexed, meter)
         for n, size in enumerate(args.sizes):
             results.append(await measure_size(stack, index, corpus, indexed, size, args, seed=10 * n))
             indexed = size

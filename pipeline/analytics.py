@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, KafkaError, UnknownTopicOrPartitionError, for_code
 
+from pipeline.broker_security import client_options
 from pipeline.errors import AnalyticsUnavailable
 from pipeline.records import CompanyWindowCount
 from pipeline.settings import Settings
@@ -62,6 +63,7 @@ async def read_company_windows(settings: Settings, company_id: str, timeout: flo
         isolation_level="read_committed",
         request_timeout_ms=request_timeout_ms,
         client_id="docflow-analytics",
+        **client_options(settings),
     )
     try:
         await consumer.start()
@@ -78,6 +80,7 @@ async def _partitions(settings: Settings, request_timeout_ms: int) -> list[Topic
         bootstrap_servers=settings.bootstrap_servers,
         request_timeout_ms=request_timeout_ms,
         client_id="docflow-analytics",
+        **client_options(settings),
     )
     await admin.start()
     try:

@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 
-from pipeline import records, topics
+from pipeline import broker_security, records, topics
+from pipeline.follow import keep_following
+from pipeline.lifecycle import LifecycleView
 from pipeline.settings import Settings
 from pipeline.storage import ObjectStorage, open_storage
+from tables.company_index import CompanyIndex
 from tables.document_status import DocumentStatus
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,11 @@ class DocflowApp(faust.App):
     embeddings_topic: faust.TopicT
     status_topic: faust.TopicT
     dlq_topic: faust.TopicT
+    lifecycle_topic: faust.TopicT
+    lifecycle: LifecycleView
     status_table: Optional[faust.Table] = None
+    company_index: Optional[CompanyIndex] = None
+    gate: Optional[Any] = None  # web.auth.Gate on the web role
 
     async def send_status(
         self, document_id: str, company_id: str, stage: records.DocumentState, **details
@@ -96,6 +103,7 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
     app = DocflowApp(
         f"docflow-{role}",
         broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
+        broker_credentials=broker_security.faust_credentials(settings),  # TLS/SASL (DESIGN.md §12)
         store="rocksdb://",
         # One directory per process: RocksDB locks its files, and two web workers may share a host.
         datadir=str(workers_dir / f"{role}-{settings.web_port}"),
@@ -118,6 +126,7 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.consumer_session_timeout_seconds,
         table_standby_replicas=settings.table_standby_replicas,
+        web_cors_options=_cors_options(settings) if role == "web" else None,
         web_in_thread=False,
         Topic=DeadLetteringTopic,
     )
@@ -126,13 +135,20 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
     app.storage = open_storage(settings)
 
     def topic(spec: topics.TopicSpec, value_type) -> faust.TopicT:
-        return app.topic(spec.name, key_type=str, value_type=value_type)
+        return app.topic(spec.name, key_type=str, value_type=value_type, compacting=spec.compacted or None)
 
     app.raw_topic = topic(topics.DOCUMENTS_RAW, records.DocumentUploaded)
     app.chunks_topic = topic(topics.CHUNKS_PROCESSED, records.Chunk)
     app.embeddings_topic = topic(topics.EMBEDDINGS_READY, records.ChunkEmbedding)
     app.status_topic = topic(topics.DOCUMENTS_STATUS, records.StatusEvent)
     app.dlq_topic = topic(topics.DOCUMENTS_DLQ, records.DeadLetter)
+    app.lifecycle_topic = topic(topics.DOCUMENTS_LIFECYCLE, records.LifecycleCommand)
+    app.lifecycle = LifecycleView()
+
+    @app.task
+    async def follow_lifecycle() -> None:
+        await keep_following(topics.DOCUMENTS_LIFECYCLE.name, lambda: app.lifecycle.follow(settings))
+
     setup_prometheus_sensors(app, name_prefix=f"faust_{role}")
 
     from web import views
@@ -140,7 +156,7 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
     views.register_common(app)
     if role == "web":
         from agents import status
-        from web import api
+        from web import api, auth, lifecycle, live
 
         # Keys are the document id's raw bytes, as on documents.status: table_route hashes the
         # serialized key to find the owning worker, so it must be the bytes the events were
@@ -148,8 +164,12 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
         app.status_table = app.Table(
             STATUS_TABLE, key_type=bytes, value_type=DocumentStatus, partitions=settings.topic_partitions
         )
+        app.company_index = CompanyIndex()
+        app.gate = auth.register(app)
         status.register(app)
         api.register(app)
+        live.register(app)  # GET /ws/documents: live events from the status changelog
+        lifecycle.register(app)
         if settings.index != "none":
             from web import search
 
@@ -167,6 +187,12 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
 
         indexer.register(app)
     return app
+
+
+def _cors_options(settings: Settings) -> dict:
+    from web.auth import cors_options
+
+    return cors_options(settings)
 
 
 def active_roles(settings: Settings) -> tuple[str, ...]:

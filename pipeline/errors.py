@@ -27,6 +27,26 @@ class EncryptedPDFError(ExtractionError):
     """A PDF that needs a password to open; no extractor can do better, so there is no fallback."""
 
 
+class ExtractionLimitExceeded(ExtractionError):
+    """A document beyond a limit set on extraction (pages, time, memory); no fallback extractor is tried."""
+
+
+class UrlRefused(ExtractionError):
+    """A URL docflow will not fetch: its scheme, its host, or an address it resolves to (pipeline/fetch.py)."""
+
+
+class UrlFetchError(ExtractionError):
+    """A URL's fetch failed (resolution, HTTP status, size, time, redirects); ``status`` is the HTTP status if any."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TamperedEventError(DocflowError):
+    """An event that names an object outside its own document's prefix; the object is never read."""
+
+
 class EmbeddingError(DocflowError):
     """Embedding failed; ``permanent`` says whether retrying the same texts can ever succeed."""
 
@@ -67,6 +87,10 @@ class VectorIndexError(DocflowError):
         self.permanent = permanent
 
 
+class KafkaSecurityError(DocflowError):
+    """The Kafka security settings (TLS, SASL, MSK IAM) are incomplete, contradictory or need a missing extra."""
+
+
 class AnalyticsUnavailable(DocflowError):
     """The broker could not be reached, or did not deliver the analytics topic in time."""
 
@@ -92,3 +116,19 @@ class ApiError(DocflowError):
         self.status = status
         self.code = code
         self.message = message
+
+
+class InsecureConfiguration(DocflowError):
+    """A role refuses to start as configured: it would serve other hosts without authentication."""
+
+
+class TopicUnavailable(DocflowError):
+    """A topic docflow must read whole has no partitions on the broker."""
+
+
+class KeyStoreUnavailable(DocflowError):
+    """auth.keys could not be read or written: the broker is unreachable."""
+
+
+class DlqUnavailable(DocflowError):
+    """documents.dlq could not be read to its end, or a replay could not be written: the broker is unreachable."""

@@ -74,3 +74,18 @@ search_requests_total = Counter("search_requests_total", "Search requests, by ou
 search_duration_seconds = Histogram(
     "search_duration_seconds", "Time to answer a search: embedding the query and searching the index."
 )
+
+# trust boundary (web)
+auth_failures_total = Counter(
+    "auth_failures_total", "Requests refused for their credentials (missing, invalid, company_mismatch).", ["reason"]
+)
+rate_limited_requests_total = Counter(
+    "rate_limited_requests_total", "Requests refused over a per-key rate limit, by action.", ["action"]
+)
+
+# lifecycle (chunker, embedder, indexer)
+lifecycle_skipped_messages_total = Counter(
+    "lifecycle_skipped_messages_total",
+    "Messages of cancelled, deleted or superseded documents not worked on.",
+    ["stage"],
+)

@@ -15,12 +15,20 @@ import faust
 
 # A document's states, the one vocabulary of the table, the API, the client, the CLI and the
 # page. A StatusEvent's stage is the state its stage moves the document towards.
-DocumentState = Literal["uploaded", "extracting", "chunked", "embedding", "completed", "failed", "cancelled"]
+DocumentState = Literal[
+    "uploaded", "extracting", "chunked", "embedding", "completed", "failed", "cancelled", "superseded", "deleted"
+]
 STATES: tuple[DocumentState, ...] = get_args(DocumentState)
 # The happy path, in order: a document's state only ever moves forward along it.
 PROGRESS_STATES: tuple[DocumentState, ...] = ("uploaded", "extracting", "chunked", "embedding", "completed")
-# States a document never leaves.
-FINAL_STATES: tuple[DocumentState, ...] = ("completed", "failed", "cancelled")
+# States in which nothing more is done for a document. Only a stronger one follows one of
+# them (STOP_RANK): a completed document can still be superseded, cancelled or deleted.
+FINAL_STATES: tuple[DocumentState, ...] = ("completed", "failed", "superseded", "cancelled", "deleted")
+# Which final state wins when several apply, whatever order their events arrive in.
+STOP_RANK: dict[str, int] = {state: rank for rank, state in enumerate(FINAL_STATES)}
+# The final states a lifecycle command causes.
+LifecycleCommandKind = Literal["cancel", "delete", "supersede"]
+COMMAND_STATES: dict[str, DocumentState] = {"cancel": "cancelled", "delete": "deleted", "supersede": "superseded"}
 
 
 def now_ms() -> int:
@@ -46,6 +54,12 @@ class DocumentUploaded(WireRecord):
     tags: list[str]
     # What chunk_size and chunk_overlap count; messages from before it was carried were in characters.
     chunk_size_unit: str = "chars"
+    # The client's own id of the document; versions of one key replace each other (docs/architecture.md).
+    document_key: str = ""
+    version: int = 1
+    replaces: str = ""  # the version this one supersedes once it completes
+    # Fetched by the chunker (behind the SSRF guard) and stored at s3_path, instead of uploaded.
+    source_url: str = ""
 
 
 class Chunk(WireRecord):
@@ -105,6 +119,19 @@ class StatusEvent(WireRecord):
     indexed_indexes: Optional[list[int]] = None
     pages: Optional[int] = None
     error: Optional[str] = None
+    # Lifecycle: who cancelled or deleted it, which version superseded it.
+    by: Optional[str] = None
+    successor_id: Optional[str] = None
+    # Versions: set on the first status of a document uploaded with a key.
+    document_key: Optional[str] = None
+    version: Optional[int] = None
+    replaces: Optional[str] = None
+    sha256: Optional[str] = None
+    source_url: Optional[str] = None
+    pages_ocred: Optional[int] = None
+    pages_unreadable: Optional[int] = None
+    # An operator re-injected the document's dead-lettered message: a failed document runs again.
+    replayed: bool = False
 
 
 def status_event(document_id: str, company_id: str, stage: DocumentState, **details: Any) -> StatusEvent:
@@ -149,3 +176,30 @@ class DeadLetter(WireRecord):
     attempts: int
     failed_ms: int
     original: dict[str, Any]
+
+
+class ApiKey(WireRecord):
+    """A company's API key as auth.keys keeps it (keyed by key_id): its HMAC, never the key itself.
+
+    A revocation is the same record again with ``revoked_ms`` set; the compacted topic keeps
+    the newest, so a revoked key stays revoked.
+    """
+
+    key_id: str
+    company_id: str
+    name: str
+    key_hash: str
+    created_ms: int
+    revoked_ms: Optional[int] = None
+
+
+class LifecycleCommand(WireRecord):
+    """A command about a whole document, from the web role (documents.lifecycle, keyed by document_id)."""
+
+    document_id: str
+    company_id: str
+    command: LifecycleCommandKind
+    at_ms: int
+    by: str = ""
+    reason: str = ""
+    successor_id: str = ""

@@ -37,6 +37,20 @@ class Settings(BaseSettings):
     producer_batch_bytes: int = Field(
         256 * 1024, ge=1024, description="Largest produce batch per partition (an embedding is 4-8 KB of JSON)."
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How clients talk to the brokers: TLS, SASL, both or neither."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "AWS_MSK_IAM"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism; AWS_MSK_IAM signs with the AWS credentials of the process."
+    )
+    kafka_sasl_username: str = Field("", description="SASL user (PLAIN, SCRAM).")
+    kafka_sasl_password: str = Field("", description="SASL password (PLAIN, SCRAM).")
+    kafka_ssl_cafile: str = Field(
+        "", description="CA bundle that signs the brokers' certificates; empty means the system's."
+    )
+    kafka_ssl_certfile: str = Field("", description="Client certificate for mutual TLS; empty for none.")
+    kafka_ssl_keyfile: str = Field("", description="Key of the client certificate.")
+    kafka_aws_region: str = Field("", description="Region of the MSK cluster (AWS_MSK_IAM); empty means S3_REGION.")
 
     # HDFS (the local single-node cluster the Spark jobs archive to)
     hdfs_namenode_port: int = Field(8020, description="Namenode RPC port of the local HDFS (hdfs://127.0.0.1:PORT).")
@@ -58,6 +72,27 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest accepted upload.")
     table_standby_replicas: int = Field(1, ge=0, description="Standby copies of the status table on other web workers.")
 
+    # Trust boundary
+    auth: Literal["off", "required"] = Field(
+        "off", description="API keys: required, or off (only for a web role on a loopback address)."
+    )
+    auth_secret: str = Field(
+        "", description="Server secret the API keys are hashed with (HMAC); empty means one kept in HOME/auth.secret."
+    )
+    api_key: str = Field("", description="The API key the docflow command line sends.")
+    rate_limit_uploads_per_minute: int = Field(
+        120, ge=0, description="Uploads per key and minute per web worker; 0 means no limit."
+    )
+    rate_limit_searches_per_minute: int = Field(
+        600, ge=0, description="Searches per key and minute per web worker; 0 means no limit."
+    )
+    cors_origins: str = Field(
+        "", description="Comma-separated origins allowed to call the API from a browser; empty means none."
+    )
+    storage_sweep_grace_seconds: float = Field(
+        3600.0, gt=0, description="Age before a stored original that no event names is removed as an orphan."
+    )
+
     # Chunking
     chunk_size_unit: Literal["tokens", "chars"] = Field(
         "tokens", description="What chunk sizes count: the local model's word pieces, or characters."
@@ -69,6 +104,43 @@ class Settings(BaseSettings):
     )
     chunker_processes: int = Field(0, ge=0, description="Extraction processes per chunker worker; 0 means one per CPU.")
     chunker_batch_size: int = Field(8, ge=1, description="Documents handed to the extraction pool at once.")
+    max_pages: int = Field(2000, ge=1, description="Most pages a document may have; more fails it unread.")
+    extraction_timeout_seconds: float = Field(
+        300.0, gt=0, description="Longest time one document may take to extract and split."
+    )
+    extraction_memory_mb: int = Field(
+        4096,
+        ge=256,
+        description="Memory an extraction process may use; a document needing more fails, the worker lives.",
+    )
+
+    # URL ingestion (the chunker fetches)
+    url_allow: str = Field(
+        "", description="Comma-separated hosts or networks (CIDR) a URL may reach although private or loopback."
+    )
+    url_max_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest page or file fetched from a URL.")
+    url_timeout_seconds: float = Field(30.0, gt=0, description="Longest time a URL's whole fetch may take.")
+    url_max_redirects: int = Field(5, ge=0, description="Redirects a URL fetch follows, each checked again.")
+
+    # OCR of PDF pages without a text layer
+    ocr: Literal["off", "local", "openai"] = Field(
+        "off", description="OCR of pages without text: off, the local engine (RapidOCR), or a vision model."
+    )
+    ocr_max_pages: int = Field(200, ge=0, description="Most pages OCRed per document; the rest count as unread.")
+    ocr_timeout_seconds: float = Field(600.0, gt=0, description="Longest time a document's OCR may take.")
+    ocr_dpi: int = Field(200, ge=50, le=600, description="Resolution pages are rendered at for OCR.")
+    ocr_max_pixels: int = Field(
+        25_000_000, ge=100_000, description="Largest rendered page image (pixels); larger pages render smaller."
+    )
+    ocr_min_text_chars: int = Field(20, ge=0, description="A page with fewer characters of text is OCRed.")
+    ocr_openai_base_url: str = Field("", description="OpenAI-compatible chat API of the vision model (OCR=openai).")
+    ocr_openai_api_key: str = Field("", description="Its API key; empty falls back to DOCFLOW_OPENAI_API_KEY.")
+    ocr_model: str = Field("Qwen/Qwen2.5-VL-7B-Instruct", description="Vision model that reads a page (OCR=openai).")
+    ocr_prompt: str = Field(
+        "Transcribe all text on this page exactly, in reading order. Output only the text.",
+        description="What the vision model is asked for each page.",
+    )
+    ocr_concurrency: int = Field(4, ge=1, description="Pages sent to the vision model at once (OCR=openai).")
 
     # Embedding
     embedding_backend: Literal["openai", "local", "hashing"] = Field("local", description="Embedding backend.")
@@ -114,6 +186,10 @@ class Settings(BaseSettings):
     @property
     def objects_url(self) -> str:
         return self.storage_url or (self.home / "objects").as_uri()
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def kafka_dir(self) -> Path:

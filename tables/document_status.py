@@ -1,10 +1,14 @@
 """A document's status and the state machine that folds StatusEvents into it.
 
-``uploaded → extracting → chunked → embedding → completed``, or ``failed``. Events may
+``uploaded → extracting → chunked → embedding → completed``, or ``failed``; and from the
+lifecycle, ``cancelled``, ``deleted``, or ``superseded`` by a newer version. Events may
 arrive twice or out of order: the state never moves backwards, counts come from the sets
 of distinct embedded and indexed chunk indexes (bitmaps), and ``completed`` means every
 index below ``chunks_total`` is embedded and, where the pipeline has a vector index,
-indexed (searchable).
+indexed (searchable). Of the lifecycle's states the strongest wins whatever the order
+(``STOP_RANK``: deleted over cancelled over superseded), so a late chunk never revives a
+cancelled document. A failure stops a document that has not completed; an operator's
+replay of its dead-lettered message (``replayed``) starts it again.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Optional
 
 import faust
 
-from pipeline.records import FINAL_STATES, PROGRESS_STATES, DocumentState, StatusEvent
+from pipeline.records import PROGRESS_STATES, STOP_RANK, DocumentState, StatusEvent
 
 
 class DocumentStatus(faust.Record, serializer="json", include_metadata=False):
@@ -34,6 +38,18 @@ class DocumentStatus(faust.Record, serializer="json", include_metadata=False):
     completed_ms: Optional[int] = None
     failed_ms: Optional[int] = None
     chunks_indexed: int = 0
+    cancelled_ms: Optional[int] = None
+    superseded_ms: Optional[int] = None
+    deleted_ms: Optional[int] = None
+    stopped_by: Optional[str] = None  # who cancelled or deleted it
+    superseded_by: Optional[str] = None  # the version that replaced it
+    document_key: Optional[str] = None
+    version: int = 1
+    replaces: Optional[str] = None
+    sha256: Optional[str] = None
+    source_url: Optional[str] = None
+    pages_ocred: int = 0  # pages read by OCR (they had no text layer)
+    pages_unreadable: int = 0  # pages without text that OCR could not read either
     # Embedded and indexed chunk indexes as little-endian bitmaps in hex: small, and
     # idempotent under redelivery.
     embedded_bitmap: str = ""
@@ -77,7 +93,23 @@ def fold(status: Optional[DocumentStatus], event: StatusEvent, require_indexed: 
             updated_ms=event.at_ms,
         )
     fields = status.asdict()
+    if event.replayed and status.state == "failed":
+        fields.update(state="uploaded", error=None, failed_ms=None)
     fields["filename"] = status.filename or event.filename
+    if event.document_key:
+        fields.update(document_key=event.document_key, version=event.version or 1, replaces=event.replaces or None)
+    if event.sha256:
+        fields["sha256"] = event.sha256
+    if event.source_url:
+        fields["source_url"] = event.source_url
+    if event.pages_ocred is not None:
+        fields["pages_ocred"] = event.pages_ocred
+    if event.pages_unreadable is not None:
+        fields["pages_unreadable"] = event.pages_unreadable
+    if event.stage in ("cancelled", "deleted") and event.by:
+        fields["stopped_by"] = fields["stopped_by"] or event.by
+    if event.stage == "superseded" and event.successor_id:
+        fields["superseded_by"] = fields["superseded_by"] or event.successor_id
     fields["created_ms"] = min(status.created_ms, event.at_ms)
     stamp = f"{event.stage}_ms"
     if stamp in fields and fields[stamp] is None:
@@ -95,9 +127,9 @@ def fold(status: Optional[DocumentStatus], event: StatusEvent, require_indexed: 
         status.indexed_bitmap, event.indexed_indexes, total
     )
 
-    fields["state"] = _next_state(status, event, fields, require_indexed)
-    if event.stage == "failed" and status.state != "completed":
-        fields["error"] = status.error or event.error or "failed without a reason"
+    fields["state"] = _next_state(fields["state"], event, fields, require_indexed)
+    if event.stage == "failed" and fields["state"] == "failed":
+        fields["error"] = fields["error"] or event.error or "failed without a reason"
     if fields == status.asdict():
         return status  # a redelivered or stale event: nothing new, so not even updated_ms moves
     fields["updated_ms"] = max(status.updated_ms, event.at_ms)
@@ -106,16 +138,22 @@ def fold(status: Optional[DocumentStatus], event: StatusEvent, require_indexed: 
     return DocumentStatus(**fields)
 
 
-def _next_state(status: DocumentStatus, event: StatusEvent, fields: dict, require_indexed: bool) -> str:
-    if status.state in FINAL_STATES:
-        return status.state
-    if event.stage in ("failed", "cancelled"):
+def _next_state(state: str, event: StatusEvent, fields: dict, require_indexed: bool) -> str:
+    stopping = event.stage in STOP_RANK and event.stage != "completed"
+    if state in STOP_RANK and state != "completed":
+        # Stopped: only a stronger stop follows (a replayed failure was reset before this).
+        return event.stage if stopping and STOP_RANK[event.stage] > STOP_RANK[state] else state
+    if stopping:
+        if event.stage == "failed" and state == "completed":
+            return state  # a late failure of a redelivered message does not undo a searchable document
         return event.stage
+    if state == "completed":
+        return state
     total = fields["chunks_total"]
     done = fields["chunks_indexed"] if require_indexed else fields["chunks_embedded"]
     if total is not None and total > 0 and fields["chunks_embedded"] == total and done == total:
         return "completed"
-    candidates = [status.state]
+    candidates = [state]
     if event.stage in PROGRESS_STATES[:-1]:
         candidates.append(event.stage)
     if fields["chunks_embedded"] or fields["chunks_indexed"]:

@@ -12,10 +12,13 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 
+from pipeline import api_keys
+from pipeline.broker_security import client_options
 from pipeline.client import DocflowClient
 from pipeline.ids import chunk_id
 from pipeline.local import documents
 from pipeline.local.workers import WorkerStack
+from pipeline.settings import Settings
 from pipeline.text.chunking import ChunkText, chunk_document
 
 
@@ -46,6 +49,7 @@ async def read_topic(settings, topic: str, document_ids: set[str], until_count: 
         group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        **client_options(settings),
     )
     await consumer.start()
     found = []
@@ -55,8 +59,8 @@ async def read_topic(settings, topic: str, document_ids: set[str], until_count: 
             batches = await consumer.getmany(timeout_ms=1000)
             for records in batches.values():
                 for record in records:
-                    value = json.loads(record.value)
-                    if value["document_id"] in document_ids:
+                    value = json_or_none(record.value)
+                    if value is not None and value.get("document_id") in document_ids:
                         assert record.key.decode() == value["document_id"]
                         found.append(value)
             if len(found) >= until_count and not batches:
@@ -64,6 +68,30 @@ async def read_topic(settings, topic: str, document_ids: set[str], until_count: 
     finally:
         await consumer.stop()
     return found
+
+
+def guarded(settings: Settings, secret: str) -> tuple[Settings, dict[str, str]]:
+    """Settings with API keys required, and the worker variables that say the same."""
+    return (
+        settings.model_copy(update={"auth": "required", "auth_secret": secret}),
+        {"DOCFLOW_AUTH": "required", "DOCFLOW_AUTH_SECRET": secret},
+    )
+
+
+def create_key(settings: Settings, company: str, name: str = "test") -> api_keys.NewKey:
+    """A new API key of a company, on auth.keys (from a test's own thread: not inside a running loop)."""
+    created = api_keys.new_key(api_keys.server_secret(settings), company, name)
+    asyncio.run(api_keys.publish(settings, created.record))
+    return created
+
+
+def json_or_none(value: bytes | None) -> dict | None:
+    """A message's JSON object; None for the undecodable ones some tests produce on purpose."""
+    try:
+        parsed = json.loads(value or b"")
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def corpus(count: int, seed: int) -> list[tuple[str, bytes]]:

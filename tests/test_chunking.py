@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from pipeline.errors import EncryptedPDFError, ExtractionError
+from pipeline.errors import EncryptedPDFError, ExtractionError, ExtractionLimitExceeded
 from pipeline.ids import chunk_id
 from pipeline.local.documents import (
     corrupt_pdf,
@@ -21,7 +21,7 @@ from pipeline.local.documents import (
     make_pdf,
 )
 from pipeline.text.chunking import ChunkedDocument, ChunkText, chunk_document, split_pages
-from pipeline.text.content_types import SUPPORTED_CONTENT_TYPES, detect_content_type
+from pipeline.text.content_types import DOCX, PPTX, SUPPORTED_CONTENT_TYPES, detect_content_type
 from pipeline.text.extract import extract_pages, extract_pdf_with_pdfium, extract_pdf_with_pypdf
 
 PDF = "application/pdf"
@@ -144,11 +144,11 @@ def test_pdf_rejected_by_pdfium_falls_back_to_pypdf():
     assert extract_pages(data, PDF, pdf_extractor="pdfium") == ["Found by the fallback."]
 
 
-def _pypdf_rejects(data: bytes) -> list[str]:
+def _pypdf_rejects(data: bytes, max_pages: int | None = None) -> list[str]:
     raise ExtractionError("file is not a valid PDF: pypdf's reason")
 
 
-def _pypdf_finds_nothing(data: bytes) -> list[str]:
+def _pypdf_finds_nothing(data: bytes, max_pages: int | None = None) -> list[str]:
     return [""]
 
 
@@ -165,7 +165,7 @@ def test_pdf_pdfium_rejects_and_pypdf_cannot_read_reports_pdfiums_reason(monkeyp
 def test_encrypted_pdf_is_not_handed_to_the_fallback(monkeypatch):
     import pipeline.text.extract as extract
 
-    def must_not_run(data: bytes) -> list[str]:
+    def must_not_run(data: bytes, max_pages: int | None = None) -> list[str]:
         raise AssertionError("pypdf ran for a PDF pdfium found encrypted")
 
     monkeypatch.setattr(extract, "extract_pdf_with_pypdf", must_not_run)
@@ -177,7 +177,7 @@ def test_encrypted_pdf_is_not_handed_to_the_fallback(monkeypatch):
 def test_pypdf_extractor_does_not_touch_pdfium(monkeypatch):
     import pipeline.text.extract as extract
 
-    def must_not_run(data: bytes) -> list[str]:
+    def must_not_run(data: bytes, max_pages: int | None = None) -> list[str]:
         raise AssertionError("pdfium ran although pypdf was selected")
 
     monkeypatch.setattr(extract, "extract_pdf_with_pdfium", must_not_run)
@@ -227,7 +227,8 @@ def test_html_drops_scripts_and_keeps_text():
 
     [text] = extract_pages(data, "text/html")
 
-    assert text == "Quarterly <Report>\n\nRevenue grew & costs fell.\n\nOutlook: stable."
+    # trafilatura's text: a block a line, no blank line between paragraphs
+    assert text == "Quarterly <Report>\nRevenue grew & costs fell.\nOutlook: stable."
     for hidden in ("SCRIPT-TEXT", "STYLE-TEXT", "NOSCRIPT-TEXT", "trackingId"):
         assert hidden not in text
 
@@ -241,7 +242,8 @@ def test_html_keeps_block_structure_and_inline_flow():
 
     [text] = extract_pages(data, "text/html")
 
-    assert text == "Hello bold world!\nnext line\n\none\ntwo\n\na\tb\n\n  keep\n    indent"
+    # trafilatura's text: list items marked "- ", table rows between "|", a block a line
+    assert text == "Hello bold world!\nnext line\n- one\n- two\n| a | b |\n  keep\n    indent"
 
 
 def test_html_honours_a_declared_charset():
@@ -251,9 +253,17 @@ def test_html_honours_a_declared_charset():
 
 
 def test_deeply_nested_html_does_not_hit_the_recursion_limit():
-    data = b"<div>" * 5000 + b"deep text" + b"</div>" * 5000
+    data = b"<div>" * 2000 + b"deep text" + b"</div>" * 2000
 
     assert extract_pages(data, "text/html") == ["deep text"]
+
+
+def test_html_nested_deeper_than_libxml2_reads_fails_as_a_limit():
+    # libxml2 (under lxml and trafilatura) stops at 2048 levels; the page fails rather than losing text
+    data = b"<div>" * 5000 + b"deep text" + b"</div>" * 5000
+
+    with pytest.raises(ExtractionLimitExceeded, match="^HTML is nested too deeply to read"):
+        extract_pages(data, "text/html")
 
 
 def test_html_with_only_markup_has_no_text():
@@ -308,6 +318,10 @@ def test_whitespace_only_text_has_no_text():
         ("notes.markdown", "", b"# Title", "text/markdown"),
         ("page.htm", "application/octet-stream", b"<html>", "text/html"),
         ("page", "application/xhtml+xml", b"<html>", "text/html"),
+        # a ZIP whose head does not show what it holds goes by its name or declared type
+        ("letter.docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document", b"PK\x03\x04", DOCX),
+        ("letter.docx", "text/plain", b"PK\x03\x04\x14\x00\x06\x00", DOCX),
+        ("deck.pptx", "application/octet-stream", b"PK\x03\x04\x14\x00\x06\x00", PPTX),
     ],
 )
 def test_supported_type_is_detected(filename, declared, head, expected):
@@ -318,12 +332,12 @@ def test_supported_type_is_detected(filename, declared, head, expected):
 @pytest.mark.parametrize(
     "filename, declared, head",
     [
-        ("letter.docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document", b"PK\x03\x04"),
         ("scan.png", "image/png", b"\x89PNG\r\n\x1a\n"),
         ("archive.zip", "application/zip", b"PK\x03\x04"),
+        ("book.xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", b"PK\x03\x04"),
+        ("letter.doc", "application/msword", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"),
         ("blob", "application/octet-stream", b"\x00\x01\x02"),
         ("blob", None, b"some text"),
-        ("letter.docx", "text/plain", b"PK\x03\x04\x14\x00\x06\x00"),
     ],
 )
 def test_unsupported_type_is_detected(filename, declared, head):
@@ -432,3 +446,75 @@ def test_chunk_document_takes_its_unit_through_the_process_pool():
 def test_an_unknown_size_unit_is_refused_before_extracting():
     with pytest.raises(ValueError, match="tokens or chars"):
         chunk_document(b"not even parsed", "application/pdf", 100, 10, "pdfium", "lines")
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extractor", ["pdfium", "pypdf"])
+def test_a_pdf_with_more_pages_than_allowed_fails_before_any_page_is_read(monkeypatch, extractor):
+    import pypdf
+
+    from pipeline.text import extract
+
+    def never(*args, **kwargs):
+        raise AssertionError("a page was read")
+
+    monkeypatch.setattr(extract, "_pdfium_page_text", never)
+    monkeypatch.setattr(pypdf.PageObject, "extract_text", never)
+    pdf = make_pdf(lorem_pages(3, 20, seed=21))
+
+    with pytest.raises(ExtractionLimitExceeded, match="PDF has 3 pages, more than the 2 a document may have"):
+        extract_pages(pdf, PDF, extractor, max_pages=2)
+    with pytest.raises(ExtractionLimitExceeded, match="3 pages"):
+        chunk_document(pdf, PDF, 500, 50, extractor, max_pages=2)
+
+
+@pytest.mark.parametrize("extractor", ["pdfium", "pypdf"])
+def test_a_pdf_at_the_page_limit_is_read_whole(extractor):
+    pages = lorem_pages(3, 20, seed=22)
+    assert [words(page) for page in extract_pages(make_pdf(pages), PDF, extractor, max_pages=3)] == [
+        words(page) for page in pages
+    ]
+
+
+def test_the_page_limit_is_not_handed_to_the_fallback_extractor(monkeypatch):
+    from pipeline.text import extract
+
+    def fallback(data, max_pages=None):
+        raise AssertionError("pypdf was tried after the page limit")
+
+    monkeypatch.setattr(extract, "extract_pdf_with_pypdf", fallback)
+    with pytest.raises(ExtractionLimitExceeded):
+        extract_pages(make_pdf(lorem_pages(3, 20, seed=23)), PDF, "pdfium", max_pages=1)
+
+
+def test_the_page_limit_leaves_text_documents_alone():
+    assert extract_pages(b"one page of words", "text/plain", max_pages=1) == ["one page of words"]
+
+
+def test_running_out_of_memory_fails_the_document_with_the_limit(monkeypatch):
+    from pipeline.text import chunking
+
+    def greedy(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(chunking, "extract_pages", greedy)
+    monkeypatch.setattr(chunking, "_memory_limit_mb", 640)
+    with pytest.raises(ExtractionLimitExceeded, match="^document needs more than 640 MB of memory to extract$"):
+        chunk_document(b"text", "text/plain", 100, 10)
+
+
+def test_memory_errors_are_not_reported_as_invalid_pdfs(monkeypatch):
+    import pypdf
+
+    from pipeline.text import extract
+
+    def greedy(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(pypdf.PageObject, "extract_text", greedy)
+    monkeypatch.setattr(extract, "_pdfium_page_text", greedy)
+    for extractor in ("pdfium", "pypdf"):
+        with pytest.raises(MemoryError):
+            extract_pages(make_pdf(["words"]), PDF, extractor)

@@ -122,3 +122,50 @@ def test_indexing_events_in_any_order_and_twice_end_in_the_same_status():
 def test_public_view_hides_the_indexed_bitmap_too():
     public = fold_indexed(HAPPY_PATH + INDEXED).public()
     assert "indexed_bitmap" not in public and public["chunks_indexed"] == 3
+
+
+# The lifecycle: commands' states among the data events, in every order and each twice.
+CANCELLED = event("cancelled", 6, by="key:abc")
+DELETED = event("deleted", 7, by="key:abc")
+SUPERSEDED = event("superseded", 8, successor_id="doc-2")
+DATA = [HAPPY_PATH[2], HAPPY_PATH[3], HAPPY_PATH[4]]
+
+
+def every_order_twice(events):
+    for order in itertools.permutations(events):
+        yield list(order) + list(order)
+        yield [item for item in order for _ in range(2)]
+
+
+def test_a_cancel_wins_over_data_events_in_every_order_and_redelivery():
+    for events in every_order_twice([*DATA, CANCELLED]):
+        status = fold_all(events)
+        assert status.state == "cancelled", [e.stage for e in events]
+        assert status.stopped_by == "key:abc" and status.cancelled_ms == 6
+
+
+def test_a_delete_wins_over_a_cancel_and_everything_else_in_every_order():
+    for events in every_order_twice([*DATA, CANCELLED, DELETED]):
+        status = fold_all(events)
+        assert (status.state, status.deleted_ms) == ("deleted", 7), [e.stage for e in events]
+
+
+def test_a_superseded_version_stays_superseded_whatever_arrives_late():
+    for events in every_order_twice([*DATA, SUPERSEDED]):
+        status = fold_all(events)
+        assert (status.state, status.superseded_by) == ("superseded", "doc-2"), [e.stage for e in events]
+    # ...and a delete still ends it.
+    for events in every_order_twice([HAPPY_PATH[2], SUPERSEDED, DELETED]):
+        assert fold_all(events).state == "deleted"
+
+
+def test_a_replayed_failure_runs_again_and_completes():
+    failed = fold_all([HAPPY_PATH[0], event("failed", 2, error="the original is not in storage")])
+    assert failed.state == "failed"
+    status = fold(failed, event("uploaded", 3, replayed=True))
+    assert (status.state, status.error) == ("uploaded", None)
+    for item in HAPPY_PATH[1:]:
+        status = fold(status, item)
+    assert status.state == "completed"
+    # A replay never reopens a cancelled document.
+    assert fold(fold_all([HAPPY_PATH[0], CANCELLED]), event("uploaded", 9, replayed=True)).state == "cancelled"

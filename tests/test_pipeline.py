@@ -186,7 +186,8 @@ async def test_web_role_serves_the_upload_page(stack):
             assert response.status == 200
             assert response.content_type == "text/html"
             page = await response.text()
-    assert 'id="upload"' in page and "/api/v1/documents?company_id=" in page
+    assert 'id="upload"' in page and "/api/v1/documents" in page
+    assert "const AUTH_REQUIRED = false;" in page  # the page names its company: auth is off here
 
 
 async def test_every_role_serves_the_seed_metrics(stack):

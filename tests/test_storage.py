@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import tempfile
+import time
 import uuid
 
 import pytest
@@ -122,3 +125,150 @@ def test_file_storage_refuses_keys_outside_its_root(file_storage):
         file_storage.uri("../outside.txt")
     with pytest.raises(ValueError):
         file_storage.key_of("file:///etc/passwd")
+
+
+# Listing, and file storage's disk I/O off the event loop
+
+
+async def test_listing_gives_every_object_with_its_size_and_age_and_filters_by_prefix(storage):
+    document_ids = [str(uuid.uuid4()) for _ in range(3)]
+    keys = [
+        object_key("acme", document_ids[0], "a.pdf"),
+        object_key("acme", document_ids[1], "b.txt"),
+        object_key("globex", document_ids[2], "c.md"),
+    ]
+    before_ms = int(time.time() * 1000) - 5000  # S3 keeps whole seconds; allow for a coarse clock
+    for size, key in enumerate(keys, start=1):
+        await storage.put(key, b"x" * size)
+    listed = {item.key: item async for item in storage.listing()}
+    assert set(listed) == set(keys)
+    assert [listed[key].size_bytes for key in keys] == [1, 2, 3]
+    assert all(before_ms <= item.modified_ms <= time.time() * 1000 + 5000 for item in listed.values())
+    assert {item.key async for item in storage.listing("acme/")} == set(keys[:2])
+    assert {item.key async for item in storage.listing(f"acme/{document_ids[1]}")} == {keys[1]}
+    assert {item.key async for item in storage.listing("glo")} == {keys[2]}
+    assert [item async for item in storage.listing("nobody/")] == []
+    await storage.delete(keys[0])
+    assert {item.key async for item in storage.listing()} == set(keys[1:])
+
+
+async def test_file_listing_includes_temporary_files_a_crashed_put_left(file_storage):
+    document_id = str(uuid.uuid4())
+    directory = file_storage.root / "acme" / document_id
+    directory.mkdir(parents=True)
+    (directory / ".upload-abc123").write_bytes(b"half an upload")
+    assert [(item.key, item.size_bytes) async for item in file_storage.listing()] == [
+        (f"acme/{document_id}/.upload-abc123", 14)
+    ]
+
+
+async def test_file_delete_removes_the_documents_empty_directory(file_storage):
+    document_id = str(uuid.uuid4())
+    key = object_key("acme", document_id, "a.txt")
+    await file_storage.put(key, b"a")
+    await file_storage.delete(key)
+    assert not (file_storage.root / "acme" / document_id).exists()
+    assert (file_storage.root / "acme").is_dir()
+
+
+async def test_cancelled_file_put_leaves_nothing_behind(file_storage):
+    key = object_key("acme", str(uuid.uuid4()), "slow.bin")
+    written = asyncio.Event()
+
+    async def stalls():
+        yield b"first piece"
+        written.set()
+        await asyncio.Event().wait()
+        yield b"never"
+
+    put = asyncio.create_task(file_storage.put(key, stalls()))
+    await written.wait()
+    put.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await put
+    assert not await file_storage.exists(key)
+    assert [item async for item in file_storage.listing()] == []
+
+
+@pytest.fixture
+def disk_calls(monkeypatch, file_storage):
+    """Every disk operation on the file storage's root, and whether it ran on the event loop's thread.
+
+    Syscalls are caught where pathlib and tempfile call them (the os module), reads and
+    writes through the file objects the storage opens.
+    """
+    import pipeline.storage.file as file_module
+
+    calls: list[tuple[str, bool]] = []
+    root = str(file_storage.root)
+
+    def on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def record(name: str) -> None:
+        calls.append((name, on_loop()))
+
+    class RecordedFile:
+        def __init__(self, handle):
+            self._handle = handle
+
+        def __getattr__(self, name):
+            attribute = getattr(self._handle, name)
+            if name not in ("read", "write", "close", "flush"):
+                return attribute
+
+            def recorded(*args, **kwargs):
+                record(name)
+                return attribute(*args, **kwargs)
+
+            return recorded
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.close()
+
+    def wrap(module, name, returns_file=False):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            target = args[0] if args else kwargs.get("dir", "")
+            if isinstance(target, int) or str(target).startswith(root) or str(kwargs.get("dir", "")).startswith(root):
+                record(name)
+                result = original(*args, **kwargs)
+                return RecordedFile(result) if returns_file else result
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    for name in ("stat", "lstat", "mkdir", "rmdir", "unlink", "replace", "scandir"):
+        wrap(os, name)
+    wrap(os, "fdopen", returns_file=True)
+    wrap(tempfile, "mkstemp")
+    monkeypatch.setattr(file_module, "open", lambda *a, **k: RecordedFile(open(*a, **k)), raising=False)
+    return calls
+
+
+async def test_file_storage_does_its_disk_io_off_the_event_loop(file_storage, disk_calls):
+    key = object_key("acme", str(uuid.uuid4()), "report.pdf")
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    await file_storage.put(key, _pieces(data, 1024 * 1024))
+    assert await file_storage.exists(key)
+    assert b"".join([piece async for piece in file_storage.stream(key)]) == data
+    assert [item.key async for item in file_storage.listing()] == [key]
+    await file_storage.delete(key)
+    assert not await file_storage.exists(key)
+    with pytest.raises(ObjectNotFound):
+        await file_storage.get(key)
+
+    done = {name for name, _ in disk_calls}
+    # The wrappers saw the work, so the check below is not vacuous.
+    assert {"mkdir", "mkstemp", "fdopen", "write", "replace", "read", "close", "scandir", "unlink", "rmdir"} <= done
+    assert {"stat", "lstat"} & done
+    on_loop = sorted({name for name, loop in disk_calls if loop})
+    assert on_loop == [], f"disk operations on the event loop: {on_loop}"

@@ -5,80 +5,39 @@ docs/architecture.md ("Web API") says how the views, the accept path and the err
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 from faust.web import Request, Response, View
 
-from pipeline import metrics
 from pipeline.errors import RequestError
 from pipeline.records import FINAL_STATES
-from web.ingest import accept, company_from, discard, receive
+from tables.company_index import SortKey, cursor_of, parse_cursor
+from web import lifecycle
+from web.auth import Caller
+from web.http import PIECE_BYTES, api_view, document_caller, json_object, routed, within_limit
+from web.ingest import Accepted, accept, discard, receive, receive_url, url_from
+from web.peers import ask_peers, asked_by_peer
 
 if TYPE_CHECKING:
     from pipeline.app import DocflowApp
 
-PIECE_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELDS = 32
+MAX_FORM_OVERHEAD = MAX_FIELDS * MAX_FIELD_BYTES  # the form fields around the file itself
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+MAX_URL_BODY_BYTES = 64 * 1024
 MAX_TEXT_BYTES_OVERHEAD = 64 * 1024  # JSON quoting around the text itself
-LOCAL_ONLY = "local"  # query flag a web worker sets when it asks a peer for its share of a list
 
 
-def error(view: View, status: int, code: str, message: str) -> Response:
-    return view.json({"error": {"code": code, "message": message}}, status=status)
-
-
-def api_view(handler):
-    """Answer RequestError as the JSON error contract, and time every API request."""
-
-    async def respond(view: View, request: Request, *args, **kwargs) -> Response:
-        started = time.perf_counter()
-        try:
-            return await handler(view, request, *args, **kwargs)
-        except RequestError as exc:
-            return error(view, exc.status, exc.code, exc.message)
-        finally:
-            metrics.ingest_request_processing_duration_seconds.observe(time.perf_counter() - started)
-
-    return respond
-
-
-def admitted_company(request: Request, limit: int, overhead: int) -> str:
-    """The request's company id, once the declared body size is within the upload limit."""
-    company_id = company_from(request.headers.get("X-Company-ID"))
-    if request.content_length is not None and request.content_length > limit + overhead:
-        metrics.ingest_uploads_total.labels(company_id, "unknown", "too_large").inc()
-        raise RequestError(413, "too_large", f"the upload is larger than the {limit}-byte limit")
-    return company_id
-
-
-async def json_object(request: Request, limit: int) -> dict:
-    """The request's JSON object body, refused (413) past ``limit`` bytes before it is parsed."""
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestError(413, "too_large", f"the request body is larger than the {limit}-byte limit")
-    body = bytearray()
-    while piece := await request.content.read(PIECE_BYTES):
-        body += piece
-        if len(body) > limit:  # a chunked body says no length up front
-            raise RequestError(413, "too_large", f"the request body is larger than the {limit}-byte limit")
-    try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise RequestError(400, "invalid_json", "the body must be a JSON object") from None
-    if not isinstance(parsed, dict):
-        raise RequestError(400, "invalid_json", "the body must be a JSON object")
-    return parsed
-
-
-def accepted(view: View, document_id: str) -> Response:
-    return view.json(
-        {"document_id": document_id, "status": "uploaded", "status_url": f"/api/v1/documents/{document_id}"}, status=202
-    )
+def accepted(view: View, outcome: Accepted) -> Response:
+    return view.json(outcome.body(), status=200 if outcome.unchanged else 202)
 
 
 async def _part_pieces(part: aiohttp.BodyPartReader) -> AsyncIterator[bytes]:
@@ -86,13 +45,35 @@ async def _part_pieces(part: aiohttp.BodyPartReader) -> AsyncIterator[bytes]:
         yield piece
 
 
+async def _field_text(part: aiohttp.BodyPartReader) -> str:
+    """A form field read whole, up to MAX_FIELD_BYTES (413 past it)."""
+    value = bytearray()
+    async for piece in _part_pieces(part):
+        value += piece
+        if len(value) > MAX_FIELD_BYTES:
+            raise RequestError(413, "too_large", f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise RequestError(400, "invalid_field", f"form field {part.name!r} is not UTF-8 text") from None
+
+
+log = logging.getLogger(__name__)
+
 INDEX_PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def register(app: DocflowApp) -> None:
     settings = app.settings
     table = app.status_table
-    index_page = INDEX_PAGE.read_text().replace("__FINAL_STATES__", json.dumps(FINAL_STATES))
+    index = app.company_index
+    gate = app.gate
+
+    index_page = (
+        INDEX_PAGE.read_text()
+        .replace("__FINAL_STATES__", json.dumps(FINAL_STATES))
+        .replace("__AUTH_REQUIRED__", json.dumps(gate.required))
+    )
 
     @app.page("/")
     class Index(View):
@@ -107,37 +88,47 @@ def register(app: DocflowApp) -> None:
 
         @api_view
         async def post(self, request: Request) -> Response:
-            company_id = admitted_company(request, settings.max_upload_bytes, MAX_FIELD_BYTES)
+            caller = gate.caller(request)
+            within_limit(request, settings.max_upload_bytes, MAX_FORM_OVERHEAD)
+            await gate.admit(caller, "upload")
             if not request.content_type.startswith("multipart/"):
                 raise RequestError(
                     400, "expected_multipart", "send the document as multipart/form-data in a 'file' field"
                 )
-            reader = await request.multipart()
+            try:
+                reader = await request.multipart()
+            except (ValueError, AssertionError) as exc:
+                raise RequestError(400, "invalid_multipart", f"the multipart body is malformed: {exc}") from None
             fields: dict[str, str] = {}
             received = None
             try:
                 async for part in reader:
                     if part.name != "file":
-                        fields[part.name or ""] = (await part.read_chunk(MAX_FIELD_BYTES)).decode(errors="replace")
+                        if len(fields) >= MAX_FIELDS:
+                            raise RequestError(413, "too_large", f"more than {MAX_FIELDS} form fields")
+                        fields[part.name or ""] = await _field_text(part)
                         continue
                     if received is not None:
                         raise RequestError(422, "invalid_parameter", "send exactly one file per upload")
                     received = await receive(
                         app,
-                        company_id,
+                        caller,
                         part.filename or "document",
                         part.headers.get("Content-Type"),
                         _part_pieces(part),
                         fields,
                     )
+            except (ValueError, HttpProcessingError) as exc:  # aiohttp's own complaints about a malformed body
+                if received is not None:
+                    await discard(app, received)
+                raise RequestError(400, "invalid_multipart", f"the multipart body is malformed: {exc}") from None
             except BaseException:
                 if received is not None:
                     await discard(app, received)
                 raise
             if received is None:
                 raise RequestError(422, "missing_file", "no 'file' field in the upload")
-            await accept(app, received, fields)
-            return accepted(self, received.document_id)
+            return accepted(self, await accept(app, received, fields, request))
 
     @app.page("/api/v1/documents/text")
     class TextDocument(View):
@@ -145,90 +136,137 @@ def register(app: DocflowApp) -> None:
 
         @api_view
         async def post(self, request: Request) -> Response:
-            company_id = admitted_company(request, settings.max_upload_bytes, MAX_TEXT_BYTES_OVERHEAD)
+            caller = gate.caller(request)
+            within_limit(request, settings.max_upload_bytes, MAX_TEXT_BYTES_OVERHEAD)
+            await gate.admit(caller, "upload")
             body = await json_object(request, settings.max_upload_bytes + MAX_TEXT_BYTES_OVERHEAD)
-            if body.get("company_id", company_id) != company_id:
-                raise RequestError(400, "invalid_company_id", "company_id in the body differs from X-Company-ID")
+            caller = gate.caller(request, body_company=body.get("company_id"))
             text = body.get("text")
             if not isinstance(text, str):
                 raise RequestError(422, "invalid_parameter", "text must be a string")
             title = body.get("title") if isinstance(body.get("title"), str) else ""
             filename = body.get("filename") or f"{title or 'text'}.txt"
-            declared = "text/markdown" if str(filename).endswith(".md") else "text/plain"
+            if not isinstance(filename, str):
+                raise RequestError(422, "invalid_parameter", "filename must be a string")
+            declared = "text/markdown" if filename.endswith(".md") else "text/plain"
             # Whitespace alone is an empty document.
-            data = text.encode() if text.strip() else b""
+            data = text.encode(errors="replace") if text.strip() else b""
 
             async def pieces() -> AsyncIterator[bytes]:
                 yield data
 
-            received = await receive(app, company_id, str(filename), declared, pieces(), body)
-            await accept(app, received, body)
-            return accepted(self, received.document_id)
+            received = await receive(app, caller, filename, declared, pieces(), body)
+            return accepted(self, await accept(app, received, body, request))
 
-    @app.page("/api/v1/documents/{document_id}")
-    class DocumentStatusView(View):
-        """A document's status, answered by whichever web worker owns its partition."""
+    @app.page("/api/v1/documents/url")
+    class UrlDocument(View):
+        """JSON ``{"url", "title", "tags", "document_key", "chunk_size", "chunk_overlap"}``: the chunker fetches it."""
 
         @api_view
-        @app.table_route(table=table, match_info="document_id")
+        async def post(self, request: Request) -> Response:
+            caller = gate.caller(request)
+            await gate.admit(caller, "upload")
+            body = await json_object(request, MAX_URL_BODY_BYTES)
+            caller = gate.caller(request, body_company=body.get("company_id"))
+            received = receive_url(app, caller, url_from(body.get("url")), body)
+            return accepted(self, await accept(app, received, body, request))
+
+    @app.page("/api/v1/documents/{document_id}")
+    class DocumentView(View):
+        """A document's status (GET) or its deletion (DELETE), by whichever web worker owns its partition."""
+
+        @api_view
         async def get(self, request: Request, document_id: str) -> Response:
-            company_id = company_from(request.headers.get("X-Company-ID") or request.query.get("company_id"))
-            status = table.get(document_id.encode())
-            if status is None or status.company_id != company_id:
-                # Another company's document is as unknown as a missing one.
-                return error(self, 404, "not_found", f"no document {document_id} for company {company_id}")
-            body = status.public()
+            caller = document_caller(gate, request, document_id)  # before routing: a refused caller costs no hop
+            return await routed(document_id, self._status(request, document_id=document_id, caller=caller))
+
+        @app.table_route(table=table, match_info="document_id")
+        async def _status(self, request: Request, document_id: str, caller: Caller) -> Response:
+            body = lifecycle.owned_status(app, document_id, caller).public()
             body["stale"] = bool(app.rebalancing or app.in_recovery)
             return self.json(body)
 
+        @api_view
+        async def delete(self, request: Request, document_id: str) -> Response:
+            caller = document_caller(gate, request, document_id)
+            return await routed(document_id, self._delete(request, document_id=document_id, caller=caller))
+
+        @app.table_route(table=table, match_info="document_id")
+        async def _delete(self, request: Request, document_id: str, caller: Caller) -> Response:
+            return await lifecycle.delete_one(app, self, document_id, caller)
+
     @app.page("/api/v1/documents")
     class DocumentList(View):
-        """The company's documents across every web worker, newest first."""
+        """The company's documents across every web worker, newest first, a page at a time."""
 
         @api_view
         async def get(self, request: Request) -> Response:
-            company_id = company_from(request.query.get("company_id") or request.headers.get("X-Company-ID"))
-            documents = [status.public() for status in table.values() if status.company_id == company_id]
-            partial = False
-            if request.query.get(LOCAL_ONLY) != "1":
-                peer_documents, partial = await _from_peers(app, company_id)
-                documents.extend(peer_documents)
-            documents.sort(key=lambda doc: doc["created_ms"], reverse=True)
+            caller = gate.caller(request)
+            if "document_key" in request.query:
+                return await self._versions(request, caller)
+            limit, after = _page_request(request)
+            local = [_listed(table, key) for key in index.page(caller.company_id, limit, after)]
+            pages, partial = [local], False
+            if not asked_by_peer(request):
+                answers, partial = await ask_peers(
+                    app, request, "GET", "/api/v1/documents", {**request.query, "limit": str(limit)}
+                )
+                pages += [answer["documents"] for answer in answers]
+            documents = sorted(
+                (doc for page in pages for doc in page if doc is not None),
+                key=lambda doc: (-doc["created_ms"], doc["document_id"]),
+            )
+            more = len(documents) > limit or any(len(page) == limit for page in pages)
+            documents = documents[:limit]
+            last = documents[-1] if documents and more else None
             return self.json(
                 {
-                    "company_id": company_id,
+                    "company_id": caller.company_id,
                     "documents": documents,
                     "count": len(documents),
+                    "next_cursor": cursor_of(last["created_ms"], last["document_id"]) if last else None,
                     "partial": partial,
                     "stale": bool(app.rebalancing or app.in_recovery),
                 }
             )
 
+        async def _versions(self, request: Request, caller: Caller) -> Response:
+            """Every version of a document key, newest first, and the one it stands for now."""
+            document_key = lifecycle.document_key_from(request.query["document_key"]) or None
+            if document_key is None:
+                raise RequestError(422, "invalid_parameter", "document_key must not be empty")
+            versions, partial = await lifecycle.versions_of(app, request, caller.company_id, document_key)
+            current = lifecycle.current_version(versions)
+            return self.json(
+                {
+                    "company_id": caller.company_id,
+                    "document_key": document_key,
+                    "current": current,
+                    "documents": versions,
+                    "count": len(versions),
+                    "partial": partial,
+                    "stale": bool(app.rebalancing or app.in_recovery),
+                }
+            )
 
-async def _from_peers(app: DocflowApp, company_id: str) -> tuple[list[dict], bool]:
-    """Each other web worker's share of the list; partial when a peer did not answer."""
-    own = str(app.conf.canonical_url).rstrip("/")
+        @api_view
+        async def delete(self, request: Request) -> Response:
+            """Every document of the company (offboarding): ``?all=true&confirm=COMPANY_ID``."""
+            return await lifecycle.delete_all(app, self, request, gate.caller(request))
+
+
+def _page_request(request: Request) -> tuple[int, SortKey | None]:
+    raw_limit = request.query.get("limit", str(DEFAULT_PAGE))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise RequestError(422, "invalid_parameter", f"limit must be an integer from 1 to {MAX_PAGE}")
+    cursor = request.query.get("cursor")
     try:
-        hosts = app.router.table_metadata(app.status_table.name)
-    except KeyError:
-        return [], True
-    peers = [str(url).rstrip("/") for url in hosts if str(url).rstrip("/") != own]
-    if not peers:
-        return [], False
+        after = parse_cursor(cursor) if cursor else None
+    except ValueError:
+        raise RequestError(422, "invalid_parameter", "cursor must be a next_cursor this API returned") from None
+    return int(raw_limit), after
 
-    async def fetch(peer: str) -> list[dict] | None:
-        try:
-            async with app.http_client.get(
-                f"{peer}/api/v1/documents",
-                params={"company_id": company_id, LOCAL_ONLY: "1"},
-                timeout=aiohttp.ClientTimeout(total=5),
-            ) as response:
-                if response.status != 200:
-                    return None
-                return (await response.json())["documents"]
-        except (TimeoutError, aiohttp.ClientError, ValueError, KeyError):
-            return None
 
-    answers = await asyncio.gather(*(fetch(peer) for peer in peers))
-    documents = [doc for answer in answers if answer is not None for doc in answer]
-    return documents, any(answer is None for answer in answers)
+def _listed(table, key: SortKey) -> dict | None:
+    status = table.get(key[1].encode())
+    return status.public() if status is not None else None

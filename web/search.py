@@ -18,8 +18,8 @@ from pipeline.embedding import create_backend
 from pipeline.errors import EmbeddingError, RequestError, VectorIndexError
 from pipeline.ids import valid_id
 from pipeline.index import open_index
-from web.api import api_view, json_object
-from web.ingest import MAX_TAGS, company_from
+from web.http import api_view, json_object
+from web.ingest import MAX_TAGS
 
 if TYPE_CHECKING:
     from pipeline.app import DocflowApp
@@ -90,12 +90,13 @@ def register(app: DocflowApp) -> None:
         @api_view
         async def post(self, request: Request) -> Response:
             started = time.perf_counter()
-            company_id = company_from(request.headers.get("X-Company-ID"))
+            caller = app.gate.caller(request)
+            await app.gate.admit(caller, "search")
             try:
-                search = SearchRequest.from_json(
-                    await json_object(request, MAX_BODY_BYTES), settings.search_max_query_chars
-                )
-                hits = await _search(company_id, search)
+                body = await json_object(request, MAX_BODY_BYTES)
+                caller = app.gate.caller(request, body_company=body.get("company_id"))
+                search = SearchRequest.from_json(body, settings.search_max_query_chars)
+                hits = await _search(caller.company_id, search)
             except RequestError as exc:
                 metrics.search_requests_total.labels("rejected" if exc.status < 500 else "unavailable").inc()
                 raise
@@ -110,10 +111,12 @@ def register(app: DocflowApp) -> None:
         except EmbeddingError as exc:
             raise RequestError(503, "embedding_unavailable", f"the query could not be embedded: {exc}") from exc
         try:
-            return await index.search(
+            hits = await index.search(
                 company_id, backend.model, vector, search.top_k, search.document_ids, search.tags, search.min_score
             )
         except VectorIndexError as exc:
             if exc.permanent:
                 raise RequestError(500, "index_error", f"the search index refused the search: {exc}") from exc
             raise RequestError(503, "index_unavailable", f"the search index is unavailable: {exc}") from exc
+        # The indexer removes an ended document's chunks; until it has, they are left out here.
+        return [hit for hit in hits if app.lifecycle.stopped(hit.document_id) is None]

@@ -9,6 +9,8 @@ from aiokafka import AIOKafkaClient
 from aiokafka.errors import KafkaError
 from faust.web import Request, Response, View
 
+from pipeline.broker_security import client_options
+
 if TYPE_CHECKING:
     from pipeline.app import DocflowApp
 
@@ -18,14 +20,17 @@ BROKER_CHECK_SECONDS = 3.0
 class BrokerProbe:
     """One long-lived metadata client, so a health check costs one request, not a new connection."""
 
-    def __init__(self, bootstrap_servers: str) -> None:
+    def __init__(self, bootstrap_servers: str, **options) -> None:
         self.bootstrap_servers = bootstrap_servers
+        self.options = options  # security: pipeline.broker_security.client_options
         self._client: AIOKafkaClient | None = None
 
     async def reachable(self) -> bool:
         try:
             if self._client is None:
-                client = AIOKafkaClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=2000)
+                client = AIOKafkaClient(
+                    bootstrap_servers=self.bootstrap_servers, request_timeout_ms=2000, **self.options
+                )
                 await asyncio.wait_for(client.bootstrap(), BROKER_CHECK_SECONDS)
                 self._client = client
             await asyncio.wait_for(self._client.fetch_all_metadata(), BROKER_CHECK_SECONDS)
@@ -40,7 +45,7 @@ class BrokerProbe:
 
 
 def register_common(app: DocflowApp) -> None:
-    probe = BrokerProbe(app.settings.bootstrap_servers)
+    probe = BrokerProbe(app.settings.bootstrap_servers, **client_options(app.settings))
 
     @app.on_before_shutdown.connect
     async def close_probe(app_, **kwargs) -> None:
@@ -62,7 +67,12 @@ def register_common(app: DocflowApp) -> None:
                 "rebalancing": bool(app.rebalancing),
                 "assigned": {topic: sorted(partitions) for topic, partitions in sorted(assigned.items())},
             }
-            ready = broker and recovered
+            keys_loaded = app.gate is None or app.gate.keys_loaded.is_set()
+            lifecycle_loaded = app.lifecycle.caught_up.is_set()
+            checks["lifecycle"] = "loaded" if lifecycle_loaded else "loading"
+            if app.gate is not None and app.gate.required:
+                checks["keys"] = "loaded" if keys_loaded else "loading"
+            ready = broker and recovered and keys_loaded and lifecycle_loaded
             return self.json(
                 {"status": "ok" if ready else "unavailable", "role": app.role, "checks": checks},
                 status=200 if ready else 503,

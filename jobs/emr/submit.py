@@ -46,6 +46,8 @@ LAUNCHERS = (EMR_DIR / "bin" / "docflow-flink", EMR_DIR / "bin" / "docflow-spark
 JOB_FILES = {"flink": ("chunk_counts.py",), "spark": ("archive.py", "daily_report.py")}
 # Modules the jobs import: YARN's containers get them through spark-submit's --py-files.
 PY_FILES = {"spark": ("session.py",)}
+# Where DOCFLOW_EMR_KAFKA_PROPERTIES is staged in each job's folder (and so lands on every node).
+KAFKA_PROPERTIES_NAME = "kafka-client.properties"
 
 # EMR's own tool for running a command as a step (on the primary node, as the hadoop user).
 COMMAND_RUNNER = "command-runner.jar"
@@ -89,6 +91,9 @@ class EmrSettings(BaseSettings):
     instance_profile: str = "EMR_EC2_DefaultRole"
     log_uri: str = ""
     kafka_bootstrap_servers: str = ""
+    # A Kafka client.properties for TLS or SASL (`python -m pipeline.broker_security --output FILE`
+    # with the cluster's DOCFLOW_KAFKA_* settings): staged beside each job, passed as --kafka-properties.
+    kafka_properties: str = ""
     node_python: str = "python3.11"
     flink_parallelism: int = 2
     # Flink's default scheme is file://, so its HDFS path says hdfs:// (the authority comes
@@ -256,7 +261,23 @@ def staging_plan(settings: EmrSettings, repo_root: Path = REPO_ROOT, fetch_jars:
         for path in [*_job_sources(job_dir), job_dir / "requirements.txt", *job_jars(job_dir, fetch_jars)]:
             relative = path.relative_to(job_dir).as_posix()
             files.append(StagedFile(path, settings.stage_key(f"jobs/{job}/{relative}")))
+        if settings.kafka_properties:
+            properties = Path(settings.kafka_properties)
+            if not properties.is_file():
+                raise ConfigurationError(f"DOCFLOW_EMR_KAFKA_PROPERTIES={properties}: no such file")
+            # It may hold a SASL password: the stage bucket's readers can read it (AWS_MSK_IAM holds none).
+            files.append(StagedFile(properties, settings.stage_key(f"jobs/{job}/{KAFKA_PROPERTIES_NAME}")))
     return files
+
+
+def kafka_properties_args(settings: EmrSettings, layout: NodeLayout, job: str) -> list:
+    """The job's --kafka-properties: the file `stage` put beside it on every node, if one is configured.
+
+    A file and not the properties as arguments: a step's arguments are shown to anyone who may
+    describe it (console, DescribeStep, CloudTrail), and sasl.jaas.config can hold a password."""
+    if not settings.kafka_properties:
+        return []
+    return ["--kafka-properties", layout.job_dir(job) / KAFKA_PROPERTIES_NAME]
 
 
 # ----------------------------------------------------------------- cluster and steps
@@ -388,6 +409,7 @@ def flink_step(settings: EmrSettings, layout: NodeLayout, savepoint: str | None 
             layout.job_file("flink", "chunk_counts.py"),
             "--bootstrap-servers",
             settings.kafka_bootstrap_servers,
+            *kafka_properties_args(settings, layout, "flink"),
             "--jars-dir",
             layout.jars_dir("flink"),
             "--parallelism",
@@ -449,6 +471,7 @@ def archive_step(settings: EmrSettings, layout: NodeLayout, repo_root: Path = RE
             layout.job_file("spark", "archive.py"),
             "--bootstrap-servers",
             settings.kafka_bootstrap_servers,
+            *kafka_properties_args(settings, layout, "spark"),
             "--output",
             settings.archive_path,
             "--checkpoint",

@@ -26,6 +26,9 @@ Run it with this directory's own virtualenv (apache-flink pins apache-beam and p
 versions that the workers' .venv must not get):
 
     jobs/flink/.venv/bin/python jobs/flink/chunk_counts.py --bootstrap-servers 127.0.0.1:9092
+
+A broker with TLS or SASL: ``--kafka-properties FILE``, the client properties that
+``python -m pipeline.broker_security --output FILE`` writes from the DOCFLOW_KAFKA_* settings.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ WINDOW = "INTERVAL '1' MINUTE"
 # Kafka brokers refuse transactions longer than transaction.max.timeout.ms (15 minutes by
 # default); the connector's own default (1 hour) would make every exactly-once commit fail.
 TRANSACTION_TIMEOUT_MS = 15 * 60 * 1000
+# The SQL connector jar relocates kafka-clients into this package: a class a client property
+# names (a JAAS login module, a callback handler) must be named as relocated to be found.
+SHADED_KAFKA = "org.apache.flink.kafka.shaded."
+# Client properties the job sets from its own arguments; a --kafka-properties file may not.
+OWN_PROPERTIES = ("bootstrap.servers", "group.id", "auto.offset.reset", "transaction.timeout.ms")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="Kafka brokers, host:port[,host:port].")
+    kafka.add_argument(
+        "--kafka-properties",
+        type=Path,
+        help="Kafka client properties file for a broker with TLS or SASL (security.protocol, sasl.*, ssl.*), as "
+        "`python -m pipeline.broker_security --output FILE` writes it; given to the source and sink as properties.*.",
+    )
     kafka.add_argument("--source-topic", default="embeddings.ready", help="Topic of ChunkEmbedding JSON values.")
     kafka.add_argument("--sink-topic", default="analytics.flink", help="Topic the window counts go to.")
     kafka.add_argument(
@@ -138,7 +152,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--delivery-guarantee exactly-once commits on checkpoints: it needs --checkpoint-interval-seconds > 0"
         )
+    try:
+        args.client_properties = client_properties(args.kafka_properties)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--kafka-properties {args.kafka_properties}: {exc}")
     return args
+
+
+def read_properties(text: str) -> dict[str, str]:
+    """A java.util.Properties file: key=value (or key: value), # and ! comments, backslash escapes.
+
+    The job's own small reader: it runs in its own venv, and on EMR with only jobs/flink on the
+    nodes, so it cannot import docflow. The properties are computed once, by docflow's
+    pipeline.broker_security; this only reads them back.
+    """
+    properties: dict[str, str] = {}
+    lines = iter(text.splitlines())
+    for line in lines:
+        line = line.lstrip()
+        if not line or line[0] in "#!":
+            continue
+        while (len(line) - len(line.rstrip("\\"))) % 2:  # an odd run of backslashes at the end: continued
+            line = line[:-1] + next(lines, "").lstrip()
+        key, index = _unescaped(line, 0, "=: \t")
+        index = len(line) - len(line[index:].lstrip(" \t"))
+        if line[index : index + 1] in ("=", ":"):
+            index += 1
+        properties[key], _ = _unescaped(line[index:].lstrip(" \t"), 0, "")
+    return properties
+
+
+def _unescaped(text: str, index: int, stops: str) -> tuple[str, int]:
+    """``text`` from ``index`` up to the first unescaped character of ``stops``, unescaped; and where it stopped."""
+    out = []
+    while index < len(text) and text[index] not in stops:
+        char = text[index]
+        if char == "\\" and index + 1 < len(text):
+            index += 1
+            char = text[index]
+            if char == "u" and index + 4 < len(text):
+                char, index = chr(int(text[index + 1 : index + 5], 16)), index + 4
+            else:
+                char = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}.get(char, char)
+        out.append(char)
+        index += 1
+    return "".join(out), index
+
+
+def client_properties(path: Path | None) -> dict[str, str]:
+    """The Kafka client properties of a --kafka-properties file, for the SQL connector's relocated client."""
+    if path is None:
+        return {}
+    properties = read_properties(path.read_text())
+    own = sorted(set(properties) & set(OWN_PROPERTIES))
+    if own:
+        raise ValueError(f"sets {', '.join(own)}, which the job sets from its own arguments")
+    if properties.get("sasl.mechanism") == "AWS_MSK_IAM":
+        # aws-msk-iam-auth's callback handler implements the unrelocated Kafka interface, so the
+        # relocated client refuses it (ClassCastException, aws/aws-msk-iam-auth#190).
+        raise ValueError(
+            "AWS_MSK_IAM does not work with the shaded flink-sql-connector-kafka: it needs flink-connector-kafka, "
+            "kafka-clients and aws-msk-iam-auth (unshaded) in --jars-dir"
+        )
+    for key, value in properties.items():
+        if key == "sasl.jaas.config" or key.endswith(".class"):
+            properties[key] = re.sub(r"(?<![\w.])org\.apache\.kafka\.", SHADED_KAFKA + "org.apache.kafka.", value)
+    return properties
 
 
 def _starting_offsets(value: str) -> dict[str, str]:
@@ -170,6 +249,7 @@ def source_ddl(args: argparse.Namespace) -> str:
         "topic": args.source_topic,
         "properties.bootstrap.servers": args.bootstrap_servers,
         "properties.group.id": args.group_id,
+        **{f"properties.{key}": value for key, value in args.client_properties.items()},
         **args.starting_offsets,
         "format": "json",
         # A message that is not JSON (or not an object) is skipped instead of failing the job;
@@ -205,6 +285,7 @@ def sink_ddl(args: argparse.Namespace) -> str:
         "connector": "kafka",
         "topic": args.sink_topic,
         "properties.bootstrap.servers": args.bootstrap_servers,
+        **{f"properties.{key}": value for key, value in args.client_properties.items()},
         # The message key is the company id's UTF-8 bytes: the topic is keyed by company_id.
         "key.format": "raw",
         "key.fields": "company_id",

@@ -26,6 +26,9 @@ nothing is downloaded when the job starts.
         --bootstrap-servers 127.0.0.1:9092 \\
         --output hdfs://127.0.0.1:8020/docflow/archive \\
         --checkpoint hdfs://127.0.0.1:8020/docflow/checkpoints/archive
+
+A broker with TLS or SASL: ``--kafka-properties FILE``, the client properties that
+``python -m pipeline.broker_security --output FILE`` writes from the DOCFLOW_KAFKA_* settings.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 # Beside this file; on YARN it comes with spark-submit --py-files (jobs/emr/submit.py).
-from session import spark_session
+from session import kafka_options, spark_session
 
 # pipeline/topics.py names them; kept here because the job does not import docflow.
 DOCFLOW_TOPICS = (
@@ -51,6 +54,7 @@ DOCFLOW_TOPICS = (
     "documents.status",
     "analytics.flink",
     "documents.dlq",
+    "documents.lifecycle",
 )
 # The record's own time, one per record type (docs/architecture.md, "Topics and records"):
 # the first one present dates the message.
@@ -74,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="Kafka brokers, host:port[,host:port].")
+    parser.add_argument(
+        "--kafka-properties",
+        default=None,
+        help="Kafka client properties file for a broker with TLS or SASL (security.protocol, sasl.*, ssl.*), as "
+        "`python -m pipeline.broker_security --output FILE` writes it; given to the Kafka source as kafka.*. "
+        "AWS_MSK_IAM also needs the aws-msk-iam-auth jar beside the Kafka source's.",
+    )
     parser.add_argument(
         "--topics", default=",".join(DOCFLOW_TOPICS), help="Comma-separated topics to archive (docflow's by default)."
     )
@@ -142,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for setting in args.spark_conf:
         if "=" not in setting:
             parser.error(f"--spark-conf {setting!r} is not KEY=VALUE")
+    try:
+        args.kafka_options = kafka_options(args.kafka_properties)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--kafka-properties: {exc}")
     return args
 
 
@@ -207,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         .option("subscribe", ",".join(args.topics))
         .option("startingOffsets", args.starting_offsets)
         .option("failOnDataLoss", args.fail_on_data_loss)
+        .options(**args.kafka_options)
     )
     if args.max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(args.max_offsets_per_trigger))

@@ -1,4 +1,4 @@
-"""The SparkSession of docflow's Spark jobs (archive.py, daily_report.py).
+"""The SparkSession of docflow's Spark jobs (archive.py, daily_report.py), and their Kafka client properties.
 
 A job run as ``jobs/spark/.venv/bin/python jobs/spark/JOB.py`` or through a local
 spark-submit finds this module beside it (Python puts the script's folder on sys.path).
@@ -53,3 +53,58 @@ def spark_session(args: argparse.Namespace, app_name: str, conf: Mapping[str, st
     for key, value in settings.items():
         builder = builder.config(key, value)
     return builder.getOrCreate()
+
+
+def kafka_options(path: str | None) -> dict[str, str]:
+    """Spark's Kafka source options (kafka.*) from a client properties file (--kafka-properties).
+
+    The file is what ``python -m pipeline.broker_security --output FILE`` writes from docflow's
+    DOCFLOW_KAFKA_* settings (security.protocol, sasl.*, ssl.*): the properties are computed
+    there, once; the jobs only read them back.
+    """
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        properties = read_properties(handle.read())
+    if "bootstrap.servers" in properties:
+        raise ValueError(f"{path} sets bootstrap.servers, which the job takes from --bootstrap-servers")
+    return {f"kafka.{key}": value for key, value in properties.items()}
+
+
+def read_properties(text: str) -> dict[str, str]:
+    """A java.util.Properties file: key=value (or key: value), # and ! comments, backslash escapes.
+
+    A small reader of the jobs' own (jobs/flink/chunk_counts.py has the same one): they run in
+    their own venvs, and on EMR with only their own folder on the nodes, so they cannot import docflow.
+    """
+    properties: dict[str, str] = {}
+    lines = iter(text.splitlines())
+    for line in lines:
+        line = line.lstrip()
+        if not line or line[0] in "#!":
+            continue
+        while (len(line) - len(line.rstrip("\\"))) % 2:  # an odd run of backslashes at the end: continued
+            line = line[:-1] + next(lines, "").lstrip()
+        key, index = _unescaped(line, 0, "=: \t")
+        index = len(line) - len(line[index:].lstrip(" \t"))
+        if line[index : index + 1] in ("=", ":"):
+            index += 1
+        properties[key], _ = _unescaped(line[index:].lstrip(" \t"), 0, "")
+    return properties
+
+
+def _unescaped(text: str, index: int, stops: str) -> tuple[str, int]:
+    """``text`` from ``index`` up to the first unescaped character of ``stops``, unescaped; and where it stopped."""
+    out = []
+    while index < len(text) and text[index] not in stops:
+        char = text[index]
+        if char == "\\" and index + 1 < len(text):
+            index += 1
+            char = text[index]
+            if char == "u" and index + 4 < len(text):
+                char, index = chr(int(text[index + 1 : index + 5], 16)), index + 4
+            else:
+                char = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}.get(char, char)
+        out.append(char)
+        index += 1
+    return "".join(out), index

@@ -1,7 +1,7 @@
 """What every command that talks to the web API shares: where it is, how its failures exit.
 
 Exit codes: 0 success, 1 a document failed, 2 usage error (click's own), 3 the service is
-unreachable.
+unreachable, 4 a worker refuses its configuration (it would be unsafe).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import sys
 import aiohttp
 import click
 
+from pipeline.client import DocflowClient
 from pipeline.errors import ApiError
 from pipeline.settings import Settings
 
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 3
+EXIT_CONFIGURATION = 4
 
 
 def api_url(settings: Settings) -> str:
@@ -38,3 +40,20 @@ def with_api(coroutine_fn):
     except ApiError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_UNREACHABLE if exc.status == 503 else EXIT_FAILED)
+
+
+def caller_options(command):
+    """--company and --api-key: who a command acts as."""
+    command = click.option(
+        "--api-key", default=None, help="API key (default: DOCFLOW_API_KEY); the company is the key's."
+    )(command)
+    return click.option(
+        "--company", default=None, help="Company id: needed where the service runs without keys, else checked."
+    )(command)
+
+
+def client_for(settings: Settings, company: str | None, api_key: str | None) -> DocflowClient:
+    api_key = api_key or settings.api_key or None
+    if not company and not api_key:
+        raise click.UsageError("give --company, or an API key with --api-key or DOCFLOW_API_KEY")
+    return DocflowClient(api_url(settings), company, api_key=api_key)

@@ -10,10 +10,11 @@ from pathlib import Path
 import aiohttp
 import click
 
+from pipeline import api_keys
 from pipeline.app import ROLES
-from pipeline.cli.api import EXIT_UNREACHABLE, api_url
+from pipeline.cli.api import EXIT_CONFIGURATION, EXIT_UNREACHABLE, api_url
 from pipeline.client import DocflowClient
-from pipeline.errors import LocalServerError
+from pipeline.errors import InsecureConfiguration, KeyStoreUnavailable, LocalServerError
 from pipeline.local import workers
 from pipeline.local.kafka import LocalBroker
 from pipeline.local.milvus import LocalMilvus
@@ -22,13 +23,14 @@ from pipeline.settings import get_settings
 
 SAMPLE_DOCUMENT = Path(__file__).resolve().parent.parent / "samples" / "welcome.md"
 SAMPLE_QUERY = "how do I follow a document's progress?"
+DEMO_COMPANY = "demo"
 
 
-def _follow_sample(settings) -> None:
+def _follow_sample(settings, api_key: str | None) -> None:
     """Upload the bundled sample once the web role answers, and report when it completes."""
 
     async def run() -> None:
-        async with DocflowClient(api_url(settings), "demo") as client:
+        async with DocflowClient(api_url(settings), None if api_key else DEMO_COMPANY, api_key=api_key) as client:
             for _ in range(600):
                 try:
                     if (await client.health()).get("status") == "ok":
@@ -37,7 +39,7 @@ def _follow_sample(settings) -> None:
                     pass
                 await asyncio.sleep(0.5)
             answer = await client.upload(SAMPLE_DOCUMENT)
-            click.echo(f"sample uploaded: {api_url(settings)}{answer['status_url']}?company_id=demo")
+            click.echo(f"sample uploaded: {api_url(settings)}{answer['status_url']}")
             status = await client.wait(answer["document_id"])
             click.echo(
                 f"sample {status['state']}: {status['chunks_embedded']}/{status['chunks_total']} chunks embedded"
@@ -53,6 +55,27 @@ def _follow_sample(settings) -> None:
         asyncio.run(run())
     except Exception as exc:  # the stack keeps running; the user sees why the sample did not finish
         click.echo(f"sample upload failed: {exc}", err=True)
+
+
+def _demo_key(settings, started: list[LocalServer]) -> str | None:
+    """With auth on, a new key of the demo company, printed; with auth off, a loud word about it."""
+    if settings.auth != "required":
+        click.echo(
+            "WARNING: authentication is off: anyone who can reach "
+            f"{api_url(settings)} acts as any company it names (DOCFLOW_AUTH=required turns keys on)",
+            err=True,
+        )
+        return None
+    created = api_keys.new_key(api_keys.server_secret(settings), DEMO_COMPANY, "docflow up")
+    try:
+        asyncio.run(api_keys.publish(settings, created.record))
+    except KeyStoreUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        for running in reversed(started):
+            running.stop()
+        sys.exit(EXIT_UNREACHABLE)
+    click.echo(f"API key of company {DEMO_COMPANY}: {created.key}")
+    return created.key
 
 
 @click.command()
@@ -77,12 +100,13 @@ def up(loglevel: str, sample: bool) -> None:
                 running.stop()
             sys.exit(EXIT_UNREACHABLE)
         click.echo(f"{server.label} at {server.where}")
+    api_key = _demo_key(settings, started)
     processes = workers.start_roles(settings, loglevel=loglevel)
     for proc in processes:
         click.echo(f"{proc.role} worker (pid {proc.process.pid}) on http://{settings.web_host}:{proc.port}")
     click.echo(f"docflow is starting at {api_url(settings)}  (Ctrl-C stops it)")
     if sample:
-        threading.Thread(target=_follow_sample, args=(settings,), daemon=True).start()
+        threading.Thread(target=_follow_sample, args=(settings, api_key), daemon=True).start()
     code = workers.supervise(processes)
     for server in reversed(started):
         server.stop()
@@ -103,4 +127,8 @@ def worker(role: str, web_port: int | None, loglevel: str) -> None:
         settings = settings.model_copy(update={"web_port": web_port})
     if role == "all":
         sys.exit(workers.supervise(workers.start_roles(settings, loglevel=loglevel)))
-    workers.run_worker(settings, role, loglevel)
+    try:
+        workers.run_worker(settings, role, loglevel)
+    except InsecureConfiguration as exc:
+        click.echo(f"error: refusing to start: {exc}", err=True)
+        sys.exit(EXIT_CONFIGURATION)

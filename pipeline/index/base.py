@@ -49,6 +49,10 @@ class VectorIndex(abc.ABC):
     async def count(self, model: str, dims: int, company_id: str | None = None, document_id: str | None = None) -> int:
         """How many chunks of the space (of one company, of one document) the index holds."""
 
+    @abc.abstractmethod
+    async def delete_documents(self, company_id: str, document_ids: Sequence[str]) -> None:
+        """Remove every chunk of these documents of the company, in every space; nothing when none is left."""
+
     async def seal(self) -> None:
         """Make what was written since the last call fast to search (a no-op where writes are)."""
 

@@ -32,6 +32,7 @@ NOT_LOADED = 101
 # pymilvus's codes for "could not connect" (2), "gave up retrying" (1) and "service unavailable".
 UNAVAILABLE = {1, 2, 503}
 MAX_TEXT_BYTES = 65535
+COLLECTION_PREFIX = "docflow_chunks_"
 MAX_TAGS = 64
 MAX_TAG_BYTES = 256
 
@@ -40,7 +41,7 @@ def collection_name(model: str, dims: int) -> str:
     """``docflow_chunks_<model>_<hash>_<dims>``: letters, digits and '_' only, as Milvus requires."""
     slug = re.sub(r"[^a-z0-9]+", "_", model.lower()).strip("_")[:80] or "model"
     digest = hashlib.sha1(model.encode()).hexdigest()[:8]  # "a/b" and "a-b" must not share a collection
-    return f"docflow_chunks_{slug}_{digest}_{dims}"
+    return f"{COLLECTION_PREFIX}{slug}_{digest}_{dims}"
 
 
 def literal(value: str) -> str:
@@ -104,6 +105,16 @@ class MilvusIndex(VectorIndex):
             name = await self._collection(model, dims, create=True)
             await self._call(name, self.client.upsert, name, rows)
             self._unsealed.add(name)
+
+    async def delete_documents(self, company_id: str, document_ids: Sequence[str]) -> None:
+        if not document_ids:
+            return
+        names = await self._call(None, self.client.list_collections)
+        expression = f"company_id == {literal(company_id)} and document_id in {_literals(document_ids)}"
+        for name in names:
+            if name.startswith(COLLECTION_PREFIX):
+                await self._call(name, self.client.delete, name, filter=expression)
+                self._unsealed.add(name)
 
     async def seal(self) -> None:
         """Flush the collections written since the last call.

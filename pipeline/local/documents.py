@@ -140,6 +140,90 @@ def make_markdown(title: str, paragraphs: list[str]) -> bytes:
     return (f"# {title}\n\n" + "\n\n".join(paragraphs) + "\n").encode("utf-8")
 
 
+def make_docx(
+    blocks: list[str | tuple[int, str] | list[list[str]]], header: str | None = None, footer: str | None = None
+) -> bytes:
+    """A Word document written by python-docx, in the order given.
+
+    A block is a paragraph (a string), a heading (``(level, text)``: level 1-9 is the
+    style "Heading N", 0 is "Title") or a table (a list of rows, each a list of cell
+    texts). ``header`` and ``footer`` go into the section's header and footer.
+    """
+    import docx
+
+    document = docx.Document()
+    for block in blocks:
+        if isinstance(block, str):
+            document.add_paragraph(block)
+        elif isinstance(block, tuple):
+            level, text = block
+            document.add_heading(text, level)
+        else:
+            table = document.add_table(rows=len(block), cols=max(len(row) for row in block))
+            for cells, row in zip(table.rows, block):
+                for cell, text in zip(cells.cells, row):
+                    cell.text = text
+    section = document.sections[0]
+    if header is not None:
+        section.header.paragraphs[0].text = header
+    if footer is not None:
+        section.footer.paragraphs[0].text = footer
+    out = io.BytesIO()
+    document.save(out)
+    return _fixed_zip_times(out.getvalue())
+
+
+def make_pptx(slides: list[dict]) -> bytes:
+    """A PowerPoint deck written by python-pptx, one slide per dict, on the "Title and Content" layout.
+
+    Each dict may have ``title`` (str), ``text`` (the body placeholder's paragraphs, a
+    list of str), ``boxes`` (text boxes added after it, a list of str), ``table`` (rows of
+    cell texts) and ``notes`` (the speaker notes, str).
+    """
+    from pptx import Presentation
+    from pptx.util import Inches
+
+    deck = Presentation()
+    layout = deck.slide_layouts[1]
+    for spec in slides:
+        slide = deck.slides.add_slide(layout)
+        if spec.get("title") is not None:
+            slide.shapes.title.text = spec["title"]
+        body = slide.placeholders[1]
+        for number, text in enumerate(spec.get("text") or []):
+            paragraph = body.text_frame.paragraphs[0] if number == 0 else body.text_frame.add_paragraph()
+            paragraph.text = text
+        for number, text in enumerate(spec.get("boxes") or []):
+            box = slide.shapes.add_textbox(Inches(1), Inches(4 + 0.5 * number), Inches(8), Inches(0.5))
+            box.text_frame.text = text
+        rows = spec.get("table")
+        if rows:
+            shape = slide.shapes.add_table(
+                len(rows), max(len(row) for row in rows), Inches(1), Inches(5.5), Inches(8), Inches(1)
+            )
+            for row_number, row in enumerate(rows):
+                for column, text in enumerate(row):
+                    shape.table.cell(row_number, column).text = text
+        if spec.get("notes") is not None:
+            slide.notes_slide.notes_text_frame.text = spec["notes"]
+    out = io.BytesIO()
+    deck.save(out)
+    return _fixed_zip_times(out.getvalue())
+
+
+def _fixed_zip_times(data: bytes) -> bytes:
+    """The same ZIP with every entry dated 1980-01-01, so the same content gives the same bytes."""
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target:
+        for entry in source.infolist():
+            fixed = zipfile.ZipInfo(entry.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            fixed.compress_type = zipfile.ZIP_DEFLATED
+            target.writestr(fixed, source.read(entry))
+    return out.getvalue()
+
+
 def _wrap(text: str) -> list[str]:
     lines: list[str] = []
     for paragraph in text.replace("\r\n", "\n").split("\n"):

@@ -1,11 +1,18 @@
-"""An OpenAI-compatible embeddings server on loopback, for tests and benchmarks.
+"""An OpenAI-compatible embeddings and chat server on loopback, for tests and benchmarks.
 
 Over 300 lines: every misbehaviour the backend must survive is one switch here, in one place.
 
 ``POST /v1/embeddings`` answers in the OpenAI response shape with deterministic vectors
 (:func:`vector_for`), records every request, and misbehaves on demand: random 429/500
 answers from a seeded RNG, a fixed number of failures in a row, 401 for every call,
-a delay per request, or a malformed body. Behaviour is set through
+a delay per request, or a malformed body.
+
+``POST /v1/chat/completions`` stands in for a vision model (OCR, pipeline/text/ocr.py):
+it records every request (:attr:`EmbeddingServer.chat_requests`, with the text and
+``image_url`` parts of its messages) and answers in the OpenAI response shape with
+``chat_text``, or with what a callback set by :meth:`EmbeddingServer.reply_to_chat`
+returns for the request's body (None: a 500). The failure switches above apply to it
+too. Behaviour is set through
 :meth:`EmbeddingServer.configure` (thread-safe) or ``POST /control`` with the same
 fields as JSON, so a test in another process can steer it; ``GET /control`` returns the
 behaviour and request statistics.
@@ -30,7 +37,8 @@ import hashlib
 import math
 import random
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -61,6 +69,18 @@ class RecordedRequest:
     status: int
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordedChat:
+    """One call of ``POST /v1/chat/completions`` as the server saw it."""
+
+    model: str
+    texts: list[str]  # the text parts of the messages, in order
+    image_urls: list[str]  # the urls of the image_url parts (data URLs, for OCR), in order
+    headers: dict[str, str]
+    body: dict[str, Any]
+    status: int
+
+
 @dataclasses.dataclass
 class Behaviour:
     """How the server answers; :meth:`EmbeddingServer.configure` and ``POST /control`` set these fields."""
@@ -74,6 +94,7 @@ class Behaviour:
     unauthorized: bool = False
     delay_ms: float = 0.0
     malformed: str | None = None  # one of MALFORMED_KINDS
+    chat_text: str = "Text the model read."  # what /v1/chat/completions answers, without a reply_to_chat callback
 
     def as_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "failure_statuses": list(self.failure_statuses)}
@@ -90,6 +111,8 @@ class EmbeddingServer:
         self._behaviour = Behaviour()
         self._rng = random.Random(self._behaviour.seed)
         self._requests: list[RecordedRequest] = []
+        self._chat_requests: list[RecordedChat] = []
+        self._chat_reply: Callable[[dict[str, Any]], str | None] | None = None
         self._in_flight = 0
         self._max_in_flight = 0
         self._runner: web.AppRunner | None = None
@@ -106,6 +129,7 @@ class EmbeddingServer:
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/control", self._set_control)
         app.router.add_get("/control", self._get_control)
         self._runner = web.AppRunner(app, access_log=None)
@@ -149,7 +173,17 @@ class EmbeddingServer:
             self._behaviour = Behaviour()
             self._rng = random.Random(self._behaviour.seed)
             self._requests.clear()
+            self._chat_requests.clear()
+            self._chat_reply = None
             self._max_in_flight = self._in_flight
+
+    def reply_to_chat(self, reply: Callable[[dict[str, Any]], str | None] | None) -> None:
+        """Answer each chat request with ``reply(body)`` (None: a 500), instead of ``chat_text``.
+
+        It runs on the server's loop, so it should be quick; None restores ``chat_text``.
+        """
+        with self._lock:
+            self._chat_reply = reply
 
     @property
     def behaviour(self) -> Behaviour:
@@ -160,6 +194,11 @@ class EmbeddingServer:
     def requests(self) -> list[RecordedRequest]:
         with self._lock:
             return list(self._requests)
+
+    @property
+    def chat_requests(self) -> list[RecordedChat]:
+        with self._lock:
+            return list(self._chat_requests)
 
     @property
     def max_in_flight(self) -> int:
@@ -236,6 +275,76 @@ class EmbeddingServer:
             }
         )
 
+    async def _chat(self, request: web.Request) -> web.Response:
+        with self._lock:
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            behaviour = dataclasses.replace(self._behaviour)
+            reply = self._chat_reply
+        try:
+            body = await request.json()
+            status, response = self._chat_answer(body, behaviour, reply)
+            texts, image_urls = _message_parts(body.get("messages"))
+            with self._lock:
+                self._chat_requests.append(
+                    RecordedChat(
+                        model=str(body.get("model")),
+                        texts=texts,
+                        image_urls=image_urls,
+                        headers=dict(request.headers),
+                        body=body,
+                        status=status,
+                    )
+                )
+            if behaviour.delay_ms:
+                await asyncio.sleep(behaviour.delay_ms / 1000)
+            return response
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _chat_answer(
+        self, body: dict[str, Any], behaviour: Behaviour, reply: Callable[[dict[str, Any]], str | None] | None
+    ) -> tuple[int, web.Response]:
+        if behaviour.unauthorized:
+            return 401, _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        failure = self._pick_failure(behaviour)
+        if failure:
+            headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after is not None else {}
+            kind = "rate_limit_exceeded" if failure == 429 else "server_error"
+            return failure, _error(failure, f"test server failure {failure}", kind, kind, headers)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return 400, _error(400, "messages must be a non-empty list", "invalid_request_error")
+        text = reply(body) if reply is not None else behaviour.chat_text
+        if text is None:
+            return 500, _error(500, "test server could not answer this request", "server_error", "server_error")
+        if behaviour.malformed == "json":
+            return 200, web.Response(text='{"object": "chat.completion", "choices": [', content_type="application/json")
+        prompt_tokens = sum(len(part.split()) for part in _message_parts(messages)[0])
+        completion_tokens = len(text.split())
+        return 200, web.json_response(
+            {
+                "id": f"chatcmpl-{len(self._chat_requests)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
     def _pick_failure(self, behaviour: Behaviour) -> int | None:
         with self._lock:
             if self._behaviour.fail_next > 0:
@@ -257,8 +366,35 @@ class EmbeddingServer:
 
     async def _get_control(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"behaviour": self.behaviour.as_json(), "requests": len(self.requests), "max_in_flight": self.max_in_flight}
+            {
+                "behaviour": self.behaviour.as_json(),
+                "requests": len(self.requests),
+                "chat_requests": len(self.chat_requests),
+                "max_in_flight": self.max_in_flight,
+            }
         )
+
+
+def _message_parts(messages: Any) -> tuple[list[str], list[str]]:
+    """The text parts and the image urls of chat messages, each in order; anything malformed is skipped."""
+    texts: list[str] = []
+    image_urls: list[str] = []
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        for part in content if isinstance(content, list) else []:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif part.get("type") == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                if isinstance(url, str):
+                    image_urls.append(url)
+    return texts, image_urls
 
 
 def _error(

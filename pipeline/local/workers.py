@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.app import ROLES, active_roles
+from pipeline.broker_security import SETTINGS_FIELDS as KAFKA_SECURITY_FIELDS
 from pipeline.local.ports import free_port
 from pipeline.settings import Settings
 from pipeline.topics import CHUNKS_PROCESSED, DOCUMENTS_RAW, DOCUMENTS_STATUS, EMBEDDINGS_READY
@@ -247,6 +248,8 @@ def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
         {
             "DOCFLOW_HOME": str(settings.home),
             "DOCFLOW_KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            # TLS and SASL, so the workers reach a secured broker as this process does.
+            **{f"DOCFLOW_{field.upper()}": getattr(settings, field) for field in KAFKA_SECURITY_FIELDS},
             "DOCFLOW_TOPIC_PARTITIONS": str(settings.topic_partitions),
             "DOCFLOW_EMBEDDING_BACKEND": "hashing",
             # Sizes in characters: the hashing backend has no word-piece limit to fit.

@@ -2,7 +2,8 @@
 
 Keys are ``{company_id}/{document_id}/{filename}`` (:func:`pipeline.ids.object_key` builds
 them from untrusted input). ``put`` takes bytes or an async iterator of bytes and streams
-it; a failed or abandoned ``put`` leaves nothing behind under the key.
+it; a failed or abandoned ``put`` leaves nothing behind under the key. ``listing`` walks
+what is stored, for the sweeper of orphan originals (:mod:`pipeline.storage.sweep`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ class StoredObject:
     uri: str
     size_bytes: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    """One object as a listing sees it: its key, size and last modification (ms since the epoch)."""
+
+    key: str
+    size_bytes: int
+    modified_ms: int
 
 
 async def iterate(body: Body) -> AsyncIterator[bytes]:
@@ -69,6 +79,10 @@ class ObjectStorage(abc.ABC):
     @abc.abstractmethod
     async def delete(self, key: str) -> None:
         """Remove the object; no error when it is missing."""
+
+    @abc.abstractmethod
+    def listing(self, prefix: str = "") -> AsyncIterator[ListedObject]:
+        """Every object whose key starts with prefix, in no promised order; StorageError when unreachable."""
 
     async def get(self, key: str) -> bytes:
         return b"".join([piece async for piece in self.stream(key)])

@@ -15,7 +15,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.errors import ObjectNotFound, StorageError
-from pipeline.storage.base import READ_CHUNK_BYTES, Body, ObjectStorage, StoredObject, iterate
+from pipeline.storage.base import READ_CHUNK_BYTES, Body, ListedObject, ObjectStorage, StoredObject, iterate
 
 S3_PART_BYTES = 8 * 1024 * 1024  # S3's minimum part size is 5 MiB
 
@@ -140,3 +140,20 @@ class S3Storage(ObjectStorage):
     async def delete(self, key: str) -> None:
         client = await self._connect()
         await client.delete_object(Bucket=self.bucket, Key=self._object_name(key))
+
+    async def listing(self, prefix: str = "") -> AsyncIterator[ListedObject]:
+        """Every object under the storage's prefix whose key starts with prefix, a page (1000) at a time.
+
+        Multipart uploads never completed are not objects and are not listed: a bucket lifecycle
+        rule (AbortIncompleteMultipartUpload) removes them.
+        """
+        client = await self._connect()
+        base = f"{self.prefix}/" if self.prefix else ""
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix)
+        try:
+            async for page in pages:
+                for item in page.get("Contents", ()):
+                    modified_ms = int(item["LastModified"].timestamp() * 1000)
+                    yield ListedObject(item["Key"][len(base) :], item["Size"], modified_ms)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"S3 listing of s3://{self.bucket}/{base}{prefix} failed: {exc}") from exc

@@ -327,15 +327,7 @@ async def chunk_batch(app: DocflowApp, pool: ExtractionPool, batch: list[Documen
             reason = _reason(result)
             metrics.docproc_processing_errors_total.labels("extract").inc()
             metrics.docproc_messages_consumed_total.labels(app.raw_topic.get_topic_name(), "failed").inc()
-            deliveries += await give_up(
-                app,
-                document_id=uploaded.document_id,
-                company_id=uploaded.company_id,
-                topic=app.raw_topic.get_topic_name(),
-                stage="extract",
-                error=reason,
-                original=uploaded.asdict(),
-            )
+            deliveries += await _give_up_on(app, uploaded, "extract", reason)
             continue
         deliveries += await _emit_chunks(app, uploaded, result)
         metrics.docproc_processing_duration_seconds.labels(uploaded.company_id, uploaded.content_type).observe(
@@ -351,15 +343,7 @@ async def _give_up_tampered(app: DocflowApp, uploaded: DocumentUploaded, reason:
     log.warning("refused to read %r for document %s of %s", uploaded.s3_path, uploaded.document_id, uploaded.company_id)
     metrics.docproc_processing_errors_total.labels("validate").inc()
     metrics.docproc_messages_consumed_total.labels(app.raw_topic.get_topic_name(), "failed").inc()
-    return await give_up(
-        app,
-        document_id=uploaded.document_id,
-        company_id=uploaded.company_id,
-        topic=app.raw_topic.get_topic_name(),
-        stage="validate",
-        error=reason,
-        original=uploaded.asdict(),
-    )
+    return await _give_up_on(app, uploaded, "validate", reason)
 
 
 async def _download(app: DocflowApp, uploaded: DocumentUploaded, key: str, deliveries: list) -> bytes | None:
@@ -374,15 +358,7 @@ async def _download(app: DocflowApp, uploaded: DocumentUploaded, key: str, deliv
     try:
         data = await retrying(_read_original, app, key)
     except (ObjectNotFound, ValueError) as exc:
-        deliveries += await give_up(
-            app,
-            document_id=uploaded.document_id,
-            company_id=uploaded.company_id,
-            topic=app.raw_topic.get_topic_name(),
-            stage="download",
-            error=f"the original is not in storage ({exc})",
-            original=uploaded.asdict(),
-        )
+        deliveries += await _give_up_on(app, uploaded, "download", f"the original is not in storage ({exc})")
         return None
     metrics.docproc_s3_download_duration_seconds.observe(time.perf_counter() - started)
     return data
@@ -405,13 +381,13 @@ async def _fetch_original(
             fetched = await fetch_url(uploaded.source_url, app.settings)
         except (UrlRefused, UrlFetchError) as exc:
             metrics.docproc_processing_errors_total.labels("fetch").inc()
-            deliveries += await _give_up_fetch(app, uploaded, f"fetching {uploaded.source_url} failed: {exc}")
+            deliveries += await _give_up_on(app, uploaded, "fetch", f"fetching {uploaded.source_url} failed: {exc}")
             return None
         data, declared = fetched.data, fetched.content_type
     content_type = detect_content_type(uploaded.filename, declared, data[:SNIFF_BYTES])
     if content_type is None:
         reason = f"{uploaded.source_url} is {declared or 'of an unknown type'}, not a type docflow reads"
-        deliveries += await _give_up_fetch(app, uploaded, reason)
+        deliveries += await _give_up_on(app, uploaded, "fetch", reason)
         return None
     if declared is not None:
         await app.storage.put(key, data, content_type)
@@ -419,13 +395,14 @@ async def _fetch_original(
     return uploaded.derive(content_type=content_type, size_bytes=len(data), sha256=digest), data
 
 
-async def _give_up_fetch(app: DocflowApp, uploaded: DocumentUploaded, reason: str) -> list:
+async def _give_up_on(app: DocflowApp, uploaded: DocumentUploaded, stage: str, reason: str) -> list:
+    """Fail a document of documents.raw at a stage; the delivery futures for the caller to await."""
     return await give_up(
         app,
         document_id=uploaded.document_id,
         company_id=uploaded.company_id,
         topic=app.raw_topic.get_topic_name(),
-        stage="fetch",
+        stage=stage,
         error=reason,
         original=uploaded.asdict(),
     )

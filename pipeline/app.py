@@ -103,7 +103,7 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
     app = DocflowApp(
         f"docflow-{role}",
         broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
-        broker_credentials=broker_security.faust_credentials(settings),  # TLS/SASL (DESIGN.md §12)
+        broker_credentials=broker_security.faust_credentials(settings),  # TLS/SASL (docs/operations.md)
         store="rocksdb://",
         # One directory per process: RocksDB locks its files, and two web workers may share a host.
         datadir=str(workers_dir / f"{role}-{settings.web_port}"),
@@ -156,7 +156,7 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
     views.register_common(app)
     if role == "web":
         from agents import status
-        from web import api, auth, lifecycle, live
+        from web import api, auth, docs, lifecycle, live
 
         # Keys are the document id's raw bytes, as on documents.status: table_route hashes the
         # serialized key to find the owning worker, so it must be the bytes the events were
@@ -169,6 +169,7 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
         status.register(app)
         api.register(app)
         live.register(app)  # GET /ws/documents: live events from the status changelog
+        docs.register(app)  # GET /docs and /docs/openapi.json; seed 001's /ingest aliases
         lifecycle.register(app)
         if settings.index != "none":
             from web import search

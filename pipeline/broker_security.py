@@ -4,7 +4,7 @@ Why a module of its own: docflow reaches Kafka through aiokafka (admin, probes, 
 through Faust (the workers) and through the JVM (the Flink and Spark jobs), and each wants
 security in its own shape. Deriving all three here from one set of settings means a
 production broker's TLS and SASL cannot be configured for one client and forgotten in
-another (DESIGN.md §12). The jobs cannot import docflow (their own venvs, their own
+another (docs/operations.md). The jobs cannot import docflow (their own venvs, their own
 nodes on EMR), so they take the JVM properties as a file:
 ``python -m pipeline.broker_security --output FILE`` writes them as a Kafka
 client.properties, the jobs' ``--kafka-properties``.

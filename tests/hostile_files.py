@@ -25,16 +25,7 @@ def write_pdf(pages_object: bytes, content: bytes, content_dict: bytes = b"") ->
         _PAGE,
         b"<< /Length %d %s>>\nstream\n" % (len(content), content_dict) + content + b"\nendstream",
     ]
-    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref_at = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref_at)
-    return bytes(out)
+    return documents.pdf_of_objects(objects)
 
 
 def one_page_pdf(content: bytes, content_dict: bytes = b"", declared_pages: int = 1) -> bytes:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import UTC, datetime
 
 import aiohttp
 import click
 
 from pipeline.client import DocflowClient
-from pipeline.errors import ApiError
+from pipeline.errors import ApiError, KafkaSecurityError
 from pipeline.settings import Settings
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2  # click's own for bad options; also bad Kafka security settings
 EXIT_UNREACHABLE = 3
 EXIT_CONFIGURATION = 4
 
@@ -57,3 +59,21 @@ def client_for(settings: Settings, company: str | None, api_key: str | None) -> 
     if not company and not api_key:
         raise click.UsageError("give --company, or an API key with --api-key or DOCFLOW_API_KEY")
     return DocflowClient(api_url(settings), company, api_key=api_key)
+
+
+def run_or_exit(coroutine, exits: dict):
+    """Run a command's coroutine; an expected failure (``exits``: error types to exit codes) prints
+    its message and exits with its code, and bad Kafka security settings exit as a usage error."""
+    try:
+        return asyncio.run(coroutine)
+    except Exception as exc:
+        for errors, code in [*exits.items(), (KafkaSecurityError, EXIT_USAGE)]:
+            if isinstance(exc, errors):
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(code)
+        raise
+
+
+def utc_time(ms: int | None) -> str:
+    """An epoch-milliseconds time as the CLI prints it; ``-`` for none."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else "-"

@@ -8,35 +8,18 @@ error, 3 the broker is unreachable.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-from datetime import UTC, datetime
 
 import click
 
-from pipeline.cli.api import EXIT_FAILED, EXIT_UNREACHABLE
+from pipeline.cli.api import EXIT_FAILED, EXIT_UNREACHABLE, run_or_exit, utc_time
 from pipeline.dlq import READ_TIMEOUT_SECONDS, ListedDeadLetter, ReplayOutcome, ReplayReport, dead_letters, replay
-from pipeline.errors import DlqUnavailable, KafkaSecurityError
+from pipeline.errors import DlqUnavailable
 from pipeline.settings import get_settings
 
-EXIT_USAGE = 2
+UNAVAILABLE = {DlqUnavailable: EXIT_UNREACHABLE}
 ERROR_WIDTH = 60
-
-
-def _run(coroutine):
-    try:
-        return asyncio.run(coroutine)
-    except DlqUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_UNREACHABLE)
-    except KafkaSecurityError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-
-
-def _when(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def shortened(text: str, width: int = ERROR_WIDTH) -> str:
@@ -46,9 +29,9 @@ def shortened(text: str, width: int = ERROR_WIDTH) -> str:
 
 def table_lines(letters: list[ListedDeadLetter]) -> list[str]:
     """What `docflow dlq list` prints: one line per letter, oldest first, and the count."""
-    lines = [f"{'failed (UTC)':19}  {'stage':10}  {'topic':16}  {'document':36}  {'company':16}  error"]
+    lines = [f"{'failed':23}  {'stage':10}  {'topic':16}  {'document':36}  {'company':16}  error"]
     lines += [
-        f"{_when(letter.failed_ms):19}  {letter.stage:10}  {letter.topic:16}  {letter.document_id:36}  "
+        f"{utc_time(letter.failed_ms):23}  {letter.stage:10}  {letter.topic:16}  {letter.document_id:36}  "
         f"{letter.company_id:16}  {shortened(letter.error)}"
         for letter in letters
     ]
@@ -82,7 +65,10 @@ def dlq() -> None:
 def list_letters(document_id, stage, company_id, timeout, as_json) -> None:
     """List the dead letters, oldest first."""
     settings = get_settings()
-    letters = _run(dead_letters(settings, document_id=document_id, stage=stage, company_id=company_id, timeout=timeout))
+    letters = run_or_exit(
+        dead_letters(settings, document_id=document_id, stage=stage, company_id=company_id, timeout=timeout),
+        UNAVAILABLE,
+    )
     if as_json:
         click.echo(json.dumps([letter.asdict() for letter in letters], indent=2))
         return
@@ -105,13 +91,19 @@ def replay_letters(document_id, stage, company_id, timeout, dry_run, include_und
     Replaying a letter twice is safe: chunk ids are deterministic and every stage downstream is idempotent.
     """
     settings = get_settings()
-    letters = _run(dead_letters(settings, document_id=document_id, stage=stage, company_id=company_id, timeout=timeout))
+    letters = run_or_exit(
+        dead_letters(settings, document_id=document_id, stage=stage, company_id=company_id, timeout=timeout),
+        UNAVAILABLE,
+    )
     if not letters:
         click.echo("no dead letters match")
         return
     if not (document_id or stage or company_id or dry_run or yes):
         click.confirm(f"replay all {len(letters)} dead letters of every company?", abort=True, err=True)
-    report = _run(replay(settings, letters, dry_run=dry_run, include_undecodable=include_undecodable, timeout=timeout))
+    report = run_or_exit(
+        replay(settings, letters, dry_run=dry_run, include_undecodable=include_undecodable, timeout=timeout),
+        UNAVAILABLE,
+    )
     for line in report_lines(report):
         click.echo(line)
     if report.refused:

@@ -6,28 +6,16 @@ and the server secret (DOCFLOW_AUTH_SECRET), as an operator does.
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from datetime import UTC, datetime
 
 import click
 
 from pipeline import api_keys
-from pipeline.cli.api import EXIT_FAILED, EXIT_UNREACHABLE
+from pipeline.cli.api import EXIT_FAILED, EXIT_UNREACHABLE, run_or_exit, utc_time
 from pipeline.errors import KeyStoreUnavailable
 from pipeline.settings import get_settings
 
-
-def _run(coroutine):
-    try:
-        return asyncio.run(coroutine)
-    except KeyStoreUnavailable as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_UNREACHABLE)
-
-
-def _when(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else "-"
+UNAVAILABLE = {KeyStoreUnavailable: EXIT_UNREACHABLE}
 
 
 @click.group()
@@ -45,7 +33,7 @@ def create(company: str, name: str) -> None:
         created = api_keys.new_key(api_keys.server_secret(settings), company, name)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    _run(api_keys.publish(settings, created.record))
+    run_or_exit(api_keys.publish(settings, created.record), UNAVAILABLE)
     click.echo(created.key)
     click.echo(f"key {created.record.key_id} for company {company}: store it now, it is not shown again", err=True)
 
@@ -54,10 +42,12 @@ def create(company: str, name: str) -> None:
 @click.option("--company", required=True, help="Company whose keys to list.")
 def list_keys(company: str) -> None:
     """List a company's keys (ids, names, dates; never the keys)."""
-    ring = _run(api_keys.read_keys(get_settings()))
+    ring = run_or_exit(api_keys.read_keys(get_settings()), UNAVAILABLE)
     click.echo(f"{'key_id':12}  {'created':23}  {'revoked':23}  name")
     for record in ring.of_company(company):
-        click.echo(f"{record.key_id:12}  {_when(record.created_ms):23}  {_when(record.revoked_ms):23}  {record.name}")
+        click.echo(
+            f"{record.key_id:12}  {utc_time(record.created_ms):23}  {utc_time(record.revoked_ms):23}  {record.name}"
+        )
 
 
 @keys.command()
@@ -65,8 +55,8 @@ def list_keys(company: str) -> None:
 def revoke(key_id: str) -> None:
     """Revoke a key by its id."""
     try:
-        record = _run(api_keys.revoke(get_settings(), key_id))
+        record = run_or_exit(api_keys.revoke(get_settings(), key_id), UNAVAILABLE)
     except KeyError:
         click.echo(f"error: no key {key_id}", err=True)
         sys.exit(EXIT_FAILED)
-    click.echo(f"key {key_id} of company {record.company_id} revoked at {_when(record.revoked_ms)}")
+    click.echo(f"key {key_id} of company {record.company_id} revoked at {utc_time(record.revoked_ms)}")

@@ -6,18 +6,15 @@ sweeper refused, 2 usage or configuration error, 3 the broker or the storage is 
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import click
 
-from pipeline.cli.api import EXIT_FAILED, EXIT_UNREACHABLE
-from pipeline.errors import KafkaSecurityError, StorageError
+from pipeline.cli.api import EXIT_FAILED, EXIT_UNREACHABLE, run_or_exit
+from pipeline.errors import StorageError
 from pipeline.settings import Settings, get_settings
 from pipeline.storage import open_storage
 from pipeline.storage.sweep import SweepRefused, SweepReport, SweepUnavailable, sweep_orphans
-
-EXIT_USAGE = 2
 
 
 def shortest_grace(settings: Settings) -> float:
@@ -54,17 +51,11 @@ def sweep(older_than: float | None, dry_run: bool, timeout: float) -> None:
             f"at least {shortest_grace(settings):g}: a younger object may be an upload whose events are on their way",
             param_hint="--older-than",
         )
-    try:
-        report = asyncio.run(_sweep(settings, older_than, dry_run, timeout))
-    except (SweepUnavailable, StorageError, OSError) as exc:  # OSError: a file:// root that cannot be read
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_UNREACHABLE)
-    except SweepRefused as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
-    except KafkaSecurityError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+    report = run_or_exit(
+        _sweep(settings, older_than, dry_run, timeout),
+        # OSError: a file:// root that cannot be read
+        {(SweepUnavailable, StorageError, OSError): EXIT_UNREACHABLE, SweepRefused: EXIT_FAILED},
+    )
     for line in report_lines(report):
         click.echo(line)
     for key in report.failed_keys:

@@ -263,7 +263,11 @@ def _write_pdf(streams: list[bytes], heights: list[int]) -> bytes:
             b"/Contents %d 0 R >>" % (PAGE_WIDTH, height, page_id + 1)
         )
         objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"endstream")
+    return pdf_of_objects(objects)
 
+
+def pdf_of_objects(objects: list[bytes]) -> bytes:
+    """A PDF of numbered objects (object 1 the catalog) with a correct cross-reference table."""
     out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
     for number, body in enumerate(objects, start=1):

@@ -208,26 +208,19 @@ class EmbeddingServer:
 
     # --- handlers ---------------------------------------------------------------------------
 
-    async def _embeddings(self, request: web.Request) -> web.Response:
+    async def _serve(self, request: web.Request, answer, record) -> web.Response:
+        """One request of either endpoint: counted in flight, refused or answered, recorded, delayed."""
         with self._lock:
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
             behaviour = dataclasses.replace(self._behaviour)
+            reply = self._chat_reply
         try:
             # Read the body first: a client that times out during the delay leaves nothing unread.
             body = await request.json()
-            status, response = self._answer(body, behaviour)
-            inputs = body.get("input")
+            status, response = self._refusal(behaviour) or answer(body, behaviour, reply)
             with self._lock:
-                self._requests.append(
-                    RecordedRequest(
-                        inputs=[inputs] if isinstance(inputs, str) else list(inputs or []),
-                        model=str(body.get("model")),
-                        headers=dict(request.headers),
-                        body=body,
-                        status=status,
-                    )
-                )
+                record(body, dict(request.headers), status)
             if behaviour.delay_ms:
                 await asyncio.sleep(behaviour.delay_ms / 1000)
             return response
@@ -235,7 +228,8 @@ class EmbeddingServer:
             with self._lock:
                 self._in_flight -= 1
 
-    def _answer(self, body: dict[str, Any], behaviour: Behaviour) -> tuple[int, web.Response]:
+    def _refusal(self, behaviour: Behaviour) -> tuple[int, web.Response] | None:
+        """401 for every call, or a 429/5xx picked by the failure switches; None to answer."""
         if behaviour.unauthorized:
             return 401, _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         failure = self._pick_failure(behaviour)
@@ -243,7 +237,24 @@ class EmbeddingServer:
             headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after is not None else {}
             kind = "rate_limit_exceeded" if failure == 429 else "server_error"
             return failure, _error(failure, f"test server failure {failure}", kind, kind, headers)
+        return None
 
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        def record(body: dict[str, Any], headers: dict[str, str], status: int) -> None:
+            inputs = body.get("input")
+            self._requests.append(
+                RecordedRequest(
+                    inputs=[inputs] if isinstance(inputs, str) else list(inputs or []),
+                    model=str(body.get("model")),
+                    headers=headers,
+                    body=body,
+                    status=status,
+                )
+            )
+
+        return await self._serve(request, lambda body, behaviour, reply: self._answer(body, behaviour), record)
+
+    def _answer(self, body: dict[str, Any], behaviour: Behaviour) -> tuple[int, web.Response]:
         inputs = body.get("input")
         texts = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
@@ -276,43 +287,24 @@ class EmbeddingServer:
         )
 
     async def _chat(self, request: web.Request) -> web.Response:
-        with self._lock:
-            self._in_flight += 1
-            self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            behaviour = dataclasses.replace(self._behaviour)
-            reply = self._chat_reply
-        try:
-            body = await request.json()
-            status, response = self._chat_answer(body, behaviour, reply)
+        def record(body: dict[str, Any], headers: dict[str, str], status: int) -> None:
             texts, image_urls = _message_parts(body.get("messages"))
-            with self._lock:
-                self._chat_requests.append(
-                    RecordedChat(
-                        model=str(body.get("model")),
-                        texts=texts,
-                        image_urls=image_urls,
-                        headers=dict(request.headers),
-                        body=body,
-                        status=status,
-                    )
+            self._chat_requests.append(
+                RecordedChat(
+                    model=str(body.get("model")),
+                    texts=texts,
+                    image_urls=image_urls,
+                    headers=headers,
+                    body=body,
+                    status=status,
                 )
-            if behaviour.delay_ms:
-                await asyncio.sleep(behaviour.delay_ms / 1000)
-            return response
-        finally:
-            with self._lock:
-                self._in_flight -= 1
+            )
+
+        return await self._serve(request, self._chat_answer, record)
 
     def _chat_answer(
         self, body: dict[str, Any], behaviour: Behaviour, reply: Callable[[dict[str, Any]], str | None] | None
     ) -> tuple[int, web.Response]:
-        if behaviour.unauthorized:
-            return 401, _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-        failure = self._pick_failure(behaviour)
-        if failure:
-            headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after is not None else {}
-            kind = "rate_limit_exceeded" if failure == 429 else "server_error"
-            return failure, _error(failure, f"test server failure {failure}", kind, kind, headers)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return 400, _error(400, "messages must be a non-empty list", "invalid_request_error")

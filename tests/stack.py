@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
@@ -18,6 +19,7 @@ from pipeline.client import DocflowClient
 from pipeline.ids import chunk_id
 from pipeline.local import documents
 from pipeline.local.workers import WorkerStack
+from pipeline.records import DocumentUploaded, now_ms
 from pipeline.settings import Settings
 from pipeline.text.chunking import ChunkText, chunk_document
 
@@ -83,6 +85,24 @@ def create_key(settings: Settings, company: str, name: str = "test") -> api_keys
     created = api_keys.new_key(api_keys.server_secret(settings), company, name)
     asyncio.run(api_keys.publish(settings, created.record))
     return created
+
+
+def document_uploaded(company_id: str, s3_path: str = "", **fields) -> DocumentUploaded:
+    """A DocumentUploaded as a test writes it: a new document id and plain defaults, ``fields`` overriding them."""
+    defaults = dict(
+        document_id=str(uuid.uuid4()),
+        filename="a.txt",
+        content_type="text/plain",
+        size_bytes=1,
+        sha256="",
+        uploaded_ms=now_ms(),
+        chunk_size=1000,
+        chunk_overlap=200,
+        chunk_size_unit="chars",
+        title="",
+        tags=[],
+    )
+    return DocumentUploaded(company_id=company_id, s3_path=s3_path, **{**defaults, **fields})
 
 
 def json_or_none(value: bytes | None) -> dict | None:

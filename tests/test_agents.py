@@ -21,6 +21,7 @@ from pipeline.settings import Settings
 from pipeline.storage.file import FileStorage
 from pipeline.storage.s3 import S3Storage
 from pipeline.text.chunking import chunk_document
+from tests.stack import document_uploaded
 
 
 class FlakyBackend(EmbeddingBackend):
@@ -193,20 +194,7 @@ async def test_a_write_the_index_refuses_dead_letters_the_batch_and_fails_the_do
 
 
 def uploaded_event(company: str, document: str, s3_path: str, filename: str = "report.txt") -> DocumentUploaded:
-    return DocumentUploaded(
-        document_id=document,
-        company_id=company,
-        s3_path=s3_path,
-        filename=filename,
-        content_type="text/plain",
-        size_bytes=1,
-        sha256="",
-        uploaded_ms=1,
-        chunk_size=200,
-        chunk_overlap=0,
-        title="",
-        tags=[],
-    )
+    return document_uploaded(company, s3_path, document_id=document, filename=filename, chunk_size=200, chunk_overlap=0)
 
 
 class ReadRecordingStorage(FileStorage):

@@ -27,9 +27,10 @@ from pipeline.follow import follow_topic
 from pipeline.ids import object_key
 from pipeline.local.ports import free_port
 from pipeline.local.workers import WorkerStack, worker_env
-from pipeline.records import DeadLetter, DocumentUploaded, now_ms, status_event
+from pipeline.records import DeadLetter, now_ms, status_event
 from pipeline.storage import open_storage
 from pipeline.topics import DOCUMENTS_DLQ, DOCUMENTS_RAW, DOCUMENTS_STATUS
+from tests.stack import document_uploaded
 
 TEXT = ("Dead letters are kept for operators, who replay them once the cause is fixed. " * 40).encode()
 
@@ -74,20 +75,13 @@ async def produce(settings, messages: list[tuple[str, str, bytes]]) -> None:
 async def announce(settings, company: str, filename: str = "notes.txt", s3_path: str | None = None) -> str:
     """Announce a document whose original is not stored (yet), as the web role would; returns its id."""
     document_id = str(uuid.uuid4())
-    uploaded = DocumentUploaded(
+    uploaded = document_uploaded(
+        company,
+        s3_path or open_storage(settings).uri(object_key(company, document_id, filename)),
         document_id=document_id,
-        company_id=company,
-        s3_path=s3_path or open_storage(settings).uri(object_key(company, document_id, filename)),
         filename=filename,
-        content_type="text/plain",
         size_bytes=len(TEXT),
         sha256=hashlib.sha256(TEXT).hexdigest(),
-        uploaded_ms=now_ms(),
-        chunk_size=1000,
-        chunk_overlap=200,
-        title="",
-        tags=[],
-        chunk_size_unit="chars",
     )
     await produce(
         settings,

@@ -29,7 +29,7 @@ from pipeline.settings import Settings
 from pipeline.text.chunking import chunk_document, process_ready
 from pipeline.text.extract import extract_pages
 from tests.hostile_files import BOMB_MB, aes_encrypted_pdf, flate_bomb, page_count_bomb, slow_pdf
-from tests.stack import json_or_none
+from tests.stack import document_uploaded, json_or_none
 
 PDF = "application/pdf"
 LIMIT_MB = 512  # the memory limit the bombs run under
@@ -41,21 +41,10 @@ def good_pdf(seed: int = 1, pages: int = 2) -> bytes:
 
 def event(content_type: str = PDF, unit: str = "chars") -> DocumentUploaded:
     size, overlap = (250, 30) if unit == "tokens" else (500, 50)
-    return DocumentUploaded(
-        document_id=str(uuid.uuid4()),
-        company_id="hostile",
-        s3_path="",
-        filename="x.pdf",
-        content_type=content_type,
-        size_bytes=1,
-        sha256="",
-        uploaded_ms=1,
-        chunk_size=size,
-        chunk_overlap=overlap,
-        title="",
-        tags=[],
+    return document_uploaded(
+        "hostile", filename="x.pdf", content_type=content_type, chunk_size=size, chunk_overlap=overlap,
         chunk_size_unit=unit,
-    )
+    )  # fmt: skip
 
 
 # Run in pool processes: top level, so that they pickle by name.
@@ -344,21 +333,7 @@ async def test_a_forged_event_naming_another_companys_object_fails_as_tampered_e
     victim_uri = storage_for_url(kafka_settings.objects_url).uri(f"{victim}/{victim_doc}/secret.txt")
 
     def forged(s3_path: str) -> DocumentUploaded:
-        return DocumentUploaded(
-            document_id=str(uuid.uuid4()),
-            company_id=mallory,
-            s3_path=s3_path,
-            filename="secret.txt",
-            content_type="text/plain",
-            size_bytes=len(secret),
-            sha256="",
-            uploaded_ms=int(time.time() * 1000),
-            chunk_size=1000,
-            chunk_overlap=200,
-            title="",
-            tags=[],
-            chunk_size_unit="chars",
-        )
+        return document_uploaded(mallory, s3_path, filename="secret.txt", size_bytes=len(secret))
 
     events = [forged(victim_uri), forged("file:///etc/hostname")]
     producer = AIOKafkaProducer(

@@ -14,7 +14,6 @@ import math
 import re
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from pipeline.text import ocr as ocr_module
 from pipeline.text.chunking import ChunkedDocument, chunk_document
 from pipeline.text.ocr import OcrOptions, OcrUnavailable, check_ocr, local_model_paths, ocr_pages, render_scale
 from tests.scans import DPI, recall, scan, scanned_pdf, words
+from tests.stack import document_uploaded
 
 PDF = "application/pdf"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -149,21 +149,7 @@ async def test_the_extraction_pool_ocrs_in_its_processes_under_the_memory_limit(
 
 
 def event() -> DocumentUploaded:
-    return DocumentUploaded(
-        document_id=str(uuid.uuid4()),
-        company_id="ocr",
-        s3_path="",
-        filename="scan.pdf",
-        content_type=PDF,
-        size_bytes=1,
-        sha256="",
-        uploaded_ms=1,
-        chunk_size=500,
-        chunk_overlap=50,
-        title="",
-        tags=[],
-        chunk_size_unit="chars",
-    )
+    return document_uploaded("ocr", filename="scan.pdf", content_type=PDF, chunk_size=500, chunk_overlap=50)
 
 
 # --- a vision model behind the chat API (the loopback fake) ---------------------------------------

@@ -17,7 +17,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from pipeline.app import STATUS_TABLE
 from pipeline.ids import object_key
 from pipeline.local.ports import free_port
-from pipeline.records import DocumentUploaded, status_event
+from pipeline.records import status_event
 from pipeline.settings import Settings
 from pipeline.storage import sweep as sweep_module
 from pipeline.storage.file import FileStorage
@@ -32,6 +32,7 @@ from pipeline.storage.sweep import (
 )
 from pipeline.topics import DOCUMENTS_RAW, create_topics
 from tables.document_status import fold
+from tests.stack import document_uploaded
 
 HOUR = 3600.0
 
@@ -65,20 +66,10 @@ async def announce(settings: Settings, *, status_row: list[str] = (), raw_event:
             row = fold(None, status_event(document_id, "acme", "uploaded", filename="a.txt"))
             await producer.send_and_wait(STATUS_CHANGELOG, row.dumps(), key=document_id.encode())
         for document_id in raw_event:
-            uploaded = DocumentUploaded(
-                document_id=document_id,
-                company_id="acme",
-                s3_path=f"file:///objects/acme/{document_id}/a.txt",
-                filename="a.txt",
-                content_type="text/plain",
-                size_bytes=1,
-                sha256="0" * 64,
-                uploaded_ms=int(time.time() * 1000),
-                chunk_size=250,
-                chunk_overlap=30,
-                title="",
-                tags=[],
-            )
+            uploaded = document_uploaded(
+                "acme", f"file:///objects/acme/{document_id}/a.txt", document_id=document_id, sha256="0" * 64,
+                chunk_size=250, chunk_overlap=30,
+            )  # fmt: skip
             await producer.send_and_wait(DOCUMENTS_RAW.name, uploaded.dumps(), key=document_id.encode())
     finally:
         await producer.stop()

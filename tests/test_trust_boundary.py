@@ -25,10 +25,9 @@ from pipeline import api_keys
 from pipeline.client import DocflowClient
 from pipeline.local.documents import make_encrypted_pdf, make_pdf
 from pipeline.local.workers import WorkerStack, worker_env
-from pipeline.records import DocumentUploaded, now_ms
 from pipeline.text.content_types import SUPPORTED_CONTENT_TYPES
 from tests.hostile_files import flate_bomb, page_count_bomb
-from tests.stack import create_key, guarded
+from tests.stack import create_key, document_uploaded, guarded
 
 SECRET = "trust-boundary-test-secret"
 UPLOADS_PER_MINUTE = 60
@@ -422,21 +421,10 @@ def test_a_forged_raw_event_naming_another_companys_original_fails_unread(stack,
             await client.wait(secret["document_id"], 120)
         [acme_object] = [path for path in objects(guarded_settings) if path.parent.name == secret["document_id"]]
         forged_id = str(uuid.uuid4())
-        forged = DocumentUploaded(
-            document_id=forged_id,
-            company_id="globex",
-            s3_path=acme_object.as_uri(),
-            filename="secret.txt",
-            content_type="text/plain",
-            size_bytes=acme_object.stat().st_size,
-            sha256="0" * 64,
-            uploaded_ms=now_ms(),
-            chunk_size=1000,
-            chunk_overlap=100,
-            chunk_size_unit="chars",
-            title="",
-            tags=[],
-        )
+        forged = document_uploaded(
+            "globex", acme_object.as_uri(), document_id=forged_id, filename="secret.txt",
+            size_bytes=acme_object.stat().st_size, sha256="0" * 64, chunk_overlap=100,
+        )  # fmt: skip
         producer = AIOKafkaProducer(bootstrap_servers=guarded_settings.bootstrap_servers)
         await producer.start()
         try:

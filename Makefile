@@ -54,8 +54,18 @@ jobs/%/lib/.fetched: jobs/%/pom.xml
 run: setup
 	$(BIN)/docflow up --sample
 
+# The page's browser test drives Debian's Chromium and its driver, never a downloaded browser:
+# installed here when missing (as root), else the command to install them is printed.
+BROWSER_PACKAGES := chromium chromium-driver
+.PHONY: browser
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make test needs: sudo apt-get install $(BROWSER_PACKAGES)"; exit 1; fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); \
+	fi
+
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
-test: setup jobs hdfs-libs
+test: setup jobs hdfs-libs browser
 	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # ruff's rules and format are in pyproject.toml; CI runs this before the tests.
@@ -74,6 +84,7 @@ bench: setup $(VENV)/.bench-installed
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/e2e.py --backend hashing --scaling --profile bench/results/profile-hashing
 	$(BIN)/python bench/e2e.py --backend local
+	$(BIN)/python bench/e2e.py --backend local --precision int8
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/report.py
 

@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
@@ -32,7 +33,7 @@ from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_e
 
 from agents.dead_letters import give_up
 from agents.lifecycle import live_messages, register_original_removal
-from pipeline import metrics
+from pipeline import metrics, tracing
 from pipeline.errors import (
     ExtractionError,
     ExtractionLimitExceeded,
@@ -50,6 +51,8 @@ from pipeline.text.content_types import SNIFF_BYTES, detect_content_type
 from pipeline.text.ocr import OcrOptions, check_ocr
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
     from pipeline.app import DocflowApp
     from pipeline.storage import ObjectStorage
 
@@ -210,37 +213,49 @@ class ExtractionPool:
                 self._discard(pool)
                 raise
 
-    async def chunk(self, uploaded: DocumentUploaded, data: bytes, extractor: str) -> ChunkedDocument:
-        return await self.run(
-            functools.partial(chunk_document, ocr=self.ocr),
-            data,
-            uploaded.content_type,
-            uploaded.chunk_size,
-            uploaded.chunk_overlap,
-            extractor,
-            uploaded.chunk_size_unit,
-            self.tokenizer_path,
-            self.max_pages,
-        )
+    async def chunk(
+        self, uploaded: DocumentUploaded, data: bytes, extractor: str, trace: Context | None = None
+    ) -> ChunkedDocument:
+        """One document's text and chunks; its ``extract`` span is a child of ``trace`` (its document's)."""
+        attributes = {"docflow.document_id": uploaded.document_id, "docflow.content_type": uploaded.content_type}
+        with tracing.span("extract", {**attributes, "docflow.size_bytes": len(data)}, context=trace) as extracting:
+            chunked = await self.run(
+                functools.partial(chunk_document, ocr=self.ocr),
+                data,
+                uploaded.content_type,
+                uploaded.chunk_size,
+                uploaded.chunk_overlap,
+                extractor,
+                uploaded.chunk_size_unit,
+                self.tokenizer_path,
+                self.max_pages,
+            )
+            extracting.set_attributes({"docflow.pages": chunked.pages, "docflow.chunks": len(chunked.chunks)})
+            return chunked
 
-    async def chunk_all(self, jobs: list[tuple[DocumentUploaded, bytes]], extractor: str) -> list:
-        """Each document's ChunkedDocument, or the exception it failed with, in order."""
+    async def chunk_all(
+        self, jobs: list[tuple[DocumentUploaded, bytes]], extractor: str, traces: Sequence[Context | None] = ()
+    ) -> list:
+        """Each document's ChunkedDocument, or the exception it failed with, in order; ``traces``
+        are the jobs' trace contexts (the documents' own traces, whichever batch they share)."""
+        traces = list(traces) or [None] * len(jobs)
         if len(jobs) == 1:
-            return [await self._chunk_alone(*jobs[0], extractor)]
+            return [await self._chunk_alone(*jobs[0], extractor, traces[0])]
         results = list(
             await asyncio.gather(
-                *(self.chunk(uploaded, data, extractor) for uploaded, data in jobs), return_exceptions=True
+                *(self.chunk(uploaded, data, extractor, trace) for (uploaded, data), trace in zip(jobs, traces)),
+                return_exceptions=True,
             )
         )
         for n, result in enumerate(results):
             if isinstance(result, BrokenProcessPool):
                 # A process died with documents in it; run alone, the one that kills it again is the culprit.
-                results[n] = await self._chunk_alone(*jobs[n], extractor)
+                results[n] = await self._chunk_alone(*jobs[n], extractor, traces[n])
         return results
 
-    async def _chunk_alone(self, uploaded: DocumentUploaded, data: bytes, extractor: str):
+    async def _chunk_alone(self, uploaded: DocumentUploaded, data: bytes, extractor: str, trace: Context | None = None):
         try:
-            return await self.chunk(uploaded, data, extractor)
+            return await self.chunk(uploaded, data, extractor, trace)
         except BrokenProcessPool:
             return self.death_error(self.last_exit_codes)
         except Exception as exc:
@@ -282,8 +297,9 @@ def register(app: DocflowApp) -> None:
 
     @app.agent(app.raw_topic, name="chunker")
     async def chunk_documents(stream):
-        async for batch in stream.take(settings.chunker_batch_size, within=BATCH_WITHIN_SECONDS):
-            await chunk_batch(app, pool, batch)
+        # Events, not values: their headers carry each document's trace (pipeline/tracing.py).
+        async for events in stream.take_events(settings.chunker_batch_size, within=BATCH_WITHIN_SECONDS):
+            await chunk_batch(app, pool, [event.value for event in events], [event.headers for event in events])
 
     register_original_removal(app)
 
@@ -292,8 +308,20 @@ def register(app: DocflowApp) -> None:
         pool.close()
 
 
-async def chunk_batch(app: DocflowApp, pool: ExtractionPool, batch: list[DocumentUploaded]) -> None:
-    """Chunk every document of a batch; returns once every message it produced is acknowledged."""
+async def chunk_batch(
+    app: DocflowApp, pool: ExtractionPool, batch: list[DocumentUploaded], headers: Sequence[Mapping] | None = None
+) -> None:
+    """Chunk every document of a batch; returns once every message it produced is acknowledged.
+
+    ``headers`` are the messages' Kafka headers, in order: each document's work continues its trace.
+    """
+    with tracing.batch_span("chunker batch", batch, headers) as traced:
+        await _chunk_traced_batch(app, pool, batch, traced)
+
+
+async def _chunk_traced_batch(
+    app: DocflowApp, pool: ExtractionPool, batch: list[DocumentUploaded], traced: tracing.BatchTrace
+) -> None:
     deliveries: list = []
     downloaded: list[tuple[DocumentUploaded, bytes]] = []
     for uploaded in await live_messages(app, batch, "chunker"):
@@ -306,17 +334,21 @@ async def chunk_batch(app: DocflowApp, pool: ExtractionPool, batch: list[Documen
         deliveries.append(
             await app.send_status(uploaded.document_id, uploaded.company_id, "extracting", filename=uploaded.filename)
         )
+        original = {"docflow.document_id": uploaded.document_id}
         if uploaded.source_url:
-            fetched = await _fetch_original(app, uploaded, key, deliveries)
+            with tracing.span("fetch original", original, context=traced.context_of(uploaded.document_id)):
+                fetched = await _fetch_original(app, uploaded, key, deliveries)
             if fetched is not None:
                 downloaded.append(fetched)
             continue
-        data = await _download(app, uploaded, key, deliveries)
+        with tracing.span("download original", original, context=traced.context_of(uploaded.document_id)):
+            data = await _download(app, uploaded, key, deliveries)
         if data is not None:
             downloaded.append((uploaded, data))
 
     started = time.perf_counter()
-    results = await pool.chunk_all(downloaded, app.settings.pdf_extractor) if downloaded else []
+    traces = [traced.context_of(uploaded.document_id) for uploaded, _ in downloaded]
+    results = await pool.chunk_all(downloaded, app.settings.pdf_extractor, traces) if downloaded else []
     elapsed = time.perf_counter() - started
 
     for (uploaded, _), result in zip(downloaded, results):
@@ -329,7 +361,7 @@ async def chunk_batch(app: DocflowApp, pool: ExtractionPool, batch: list[Documen
             metrics.docproc_messages_consumed_total.labels(app.raw_topic.get_topic_name(), "failed").inc()
             deliveries += await _give_up_on(app, uploaded, "extract", reason)
             continue
-        deliveries += await _emit_chunks(app, uploaded, result)
+        deliveries += await _emit_chunks(app, uploaded, result, traced.context_of(uploaded.document_id))
         metrics.docproc_processing_duration_seconds.labels(uploaded.company_id, uploaded.content_type).observe(
             elapsed / max(len(downloaded), 1)
         )
@@ -424,29 +456,34 @@ def _reason(exc: BaseException) -> str:
     return f"text extraction failed unexpectedly: {type(exc).__name__}: {exc}"
 
 
-async def _emit_chunks(app: DocflowApp, uploaded: DocumentUploaded, chunked: ChunkedDocument) -> list:
+async def _emit_chunks(
+    app: DocflowApp, uploaded: DocumentUploaded, chunked: ChunkedDocument, trace: Context | None = None
+) -> list:
     total = len(chunked.chunks)
     created = now_ms()
     deliveries = []
-    for piece in chunked.chunks:
-        deliveries.append(
-            await app.chunks_topic.send(
-                key=uploaded.document_id,
-                value=Chunk(
-                    chunk_id=chunk_id(uploaded.document_id, piece.index),
-                    document_id=uploaded.document_id,
-                    company_id=uploaded.company_id,
-                    text=piece.text,
-                    page=piece.page,
-                    index=piece.index,
-                    total=total,
-                    created_ms=created,
-                    filename=uploaded.filename,
-                    title=uploaded.title,
-                    tags=uploaded.tags,
-                ),
+    with tracing.send_span(app.chunks_topic.get_topic_name(), total, context=trace):
+        headers = tracing.kafka_headers()  # every chunk carries this send's context: the embedder continues it
+        for piece in chunked.chunks:
+            deliveries.append(
+                await app.chunks_topic.send(
+                    key=uploaded.document_id,
+                    value=Chunk(
+                        chunk_id=chunk_id(uploaded.document_id, piece.index),
+                        document_id=uploaded.document_id,
+                        company_id=uploaded.company_id,
+                        text=piece.text,
+                        page=piece.page,
+                        index=piece.index,
+                        total=total,
+                        created_ms=created,
+                        filename=uploaded.filename,
+                        title=uploaded.title,
+                        tags=uploaded.tags,
+                    ),
+                    headers=headers,
+                )
             )
-        )
     metrics.docproc_chunks_produced_total.labels(uploaded.company_id, uploaded.content_type).inc(total)
     deliveries.append(
         await app.send_status(

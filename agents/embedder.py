@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from agents.dead_letters import give_up_on_batch
 from agents.lifecycle import live_messages
-from pipeline import metrics
+from pipeline import metrics, tracing
 from pipeline.embedding import EmbeddingBackend, create_backend
 from pipeline.embedding.cache import CachedBackend
 from pipeline.errors import EmbeddingError
@@ -37,8 +38,9 @@ def register(app: DocflowApp) -> None:
 
     @app.agent(app.chunks_topic, name="embedder")
     async def embed_chunks(stream):
-        async for batch in stream.take(settings.embedding_batch_size, within=BATCH_WITHIN_SECONDS):
-            await embed_batch(app, backend, batch)
+        # Events, not values: their headers carry each document's trace (pipeline/tracing.py).
+        async for events in stream.take_events(settings.embedding_batch_size, within=BATCH_WITHIN_SECONDS):
+            await embed_batch(app, backend, [event.value for event in events], [event.headers for event in events])
 
     @app.task
     async def load_model() -> None:
@@ -50,8 +52,20 @@ def register(app: DocflowApp) -> None:
         await backend.close()
 
 
-async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Chunk]) -> None:
-    """Embed one batch; returns once every message it produced is acknowledged."""
+async def embed_batch(
+    app: DocflowApp, backend: EmbeddingBackend, batch: list[Chunk], headers: Sequence[Mapping] | None = None
+) -> None:
+    """Embed one batch; returns once every message it produced is acknowledged.
+
+    ``headers`` are the messages' Kafka headers, in order: the batch continues its documents' traces.
+    """
+    with tracing.batch_span("embedder batch", batch, headers) as traced:
+        await _embed_traced_batch(app, backend, batch, traced)
+
+
+async def _embed_traced_batch(
+    app: DocflowApp, backend: EmbeddingBackend, batch: list[Chunk], traced: tracing.BatchTrace
+) -> None:
     started = time.perf_counter()
     metrics.embedding_messages_consumed_total.inc(len(batch))
     batch = await live_messages(app, batch, "embedder")
@@ -65,7 +79,7 @@ async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Ch
         reraise=True,
     )
     try:
-        vectors = await retrying(backend.embed, texts)
+        vectors = await retrying(_embed, backend, texts)
     except EmbeddingError as exc:
         await _give_up_on(app, batch, str(exc), retrying.statistics.get("attempt_number", 1))
         return
@@ -77,29 +91,33 @@ async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Ch
     created = now_ms()
     deliveries = []
     by_document: dict[str, list[Chunk]] = defaultdict(list)
-    for chunk, vector in zip(batch, vectors):
-        by_document[chunk.document_id].append(chunk)
-        deliveries.append(
-            await app.embeddings_topic.send(
-                key=chunk.document_id,
-                value=ChunkEmbedding(
-                    chunk_id=chunk.chunk_id,
-                    document_id=chunk.document_id,
-                    company_id=chunk.company_id,
-                    index=chunk.index,
-                    vector=vector,
-                    model=backend.model,
-                    dims=len(vector),
-                    created_ms=created,
-                    text=chunk.text,
-                    page=chunk.page,
-                    filename=chunk.filename,
-                    title=chunk.title,
-                    tags=chunk.tags,
-                ),
+    per_document = Counter(chunk.document_id for chunk in batch)
+    # Each embedding carries its document's send span along: the indexer continues that trace.
+    with traced.sending(app.embeddings_topic.get_topic_name(), per_document) as headers:
+        for chunk, vector in zip(batch, vectors):
+            by_document[chunk.document_id].append(chunk)
+            deliveries.append(
+                await app.embeddings_topic.send(
+                    key=chunk.document_id,
+                    value=ChunkEmbedding(
+                        chunk_id=chunk.chunk_id,
+                        document_id=chunk.document_id,
+                        company_id=chunk.company_id,
+                        index=chunk.index,
+                        vector=vector,
+                        model=backend.model,
+                        dims=len(vector),
+                        created_ms=created,
+                        text=chunk.text,
+                        page=chunk.page,
+                        filename=chunk.filename,
+                        title=chunk.title,
+                        tags=chunk.tags,
+                    ),
+                    headers=headers[chunk.document_id],
+                )
             )
-        )
-        metrics.embedding_texts_processed_total.labels(chunk.company_id).inc()
+            metrics.embedding_texts_processed_total.labels(chunk.company_id).inc()
     for document_id, chunks in by_document.items():
         deliveries.append(
             await app.send_status(
@@ -114,6 +132,17 @@ async def embed_batch(app: DocflowApp, backend: EmbeddingBackend, batch: list[Ch
     await asyncio.gather(*deliveries)
     metrics.embedding_batch_processing_duration_seconds.observe(time.perf_counter() - started)
     log.info("embedded %s", ", ".join(f"{len(chunks)} chunks of {doc}" for doc, chunks in by_document.items()))
+
+
+async def _embed(backend: EmbeddingBackend, texts: list[str]) -> list[list[float]]:
+    """One attempt through the backend (and its cache), a span each: a retried batch shows every try."""
+    attributes = {
+        "docflow.embedding.backend": backend.name,
+        "docflow.embedding.model": backend.model,
+        "docflow.embedding.texts": len(texts),
+    }
+    with tracing.span("embed", attributes):
+        return await backend.embed(texts)
 
 
 async def _give_up_on(app: DocflowApp, batch: list[Chunk], reason: str, attempts: int) -> None:

@@ -13,13 +13,14 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from tenacity import AsyncRetrying, before_sleep_log, retry_if_exception, wait_exponential
 
 from agents.dead_letters import give_up_on_batch
 from agents.lifecycle import live_messages, register_vector_removal
-from pipeline import metrics
+from pipeline import metrics, tracing
 from pipeline.errors import VectorIndexError
 from pipeline.index import VectorIndex, open_index
 from pipeline.records import ChunkEmbedding
@@ -47,8 +48,9 @@ def register(app: DocflowApp) -> None:
     @app.agent(app.embeddings_topic, name="indexer")
     async def index_embeddings(stream):
         nonlocal last_write
-        async for batch in stream.take(settings.index_batch_size, within=BATCH_WITHIN_SECONDS):
-            await index_batch(app, index, batch)
+        # Events, not values: their headers carry each document's trace (pipeline/tracing.py).
+        async for events in stream.take_events(settings.index_batch_size, within=BATCH_WITHIN_SECONDS):
+            await index_batch(app, index, [event.value for event in events], [event.headers for event in events])
             last_write = time.monotonic()
 
     if settings.index_seal_idle_seconds > 0:
@@ -69,8 +71,18 @@ def register(app: DocflowApp) -> None:
         await index.close()
 
 
-async def index_batch(app: DocflowApp, index: VectorIndex, batch: list[ChunkEmbedding]) -> None:
-    """Upsert one batch; returns once it is searchable and every message it produced is acknowledged."""
+async def index_batch(
+    app: DocflowApp, index: VectorIndex, batch: list[ChunkEmbedding], headers: Sequence[Mapping] | None = None
+) -> None:
+    """Upsert one batch; returns once it is searchable and every message it produced is acknowledged.
+
+    ``headers`` are the messages' Kafka headers, in order: the batch continues its documents' traces.
+    """
+    with tracing.batch_span("indexer batch", batch, headers):
+        await _index_traced_batch(app, index, batch)
+
+
+async def _index_traced_batch(app: DocflowApp, index: VectorIndex, batch: list[ChunkEmbedding]) -> None:
     started = time.perf_counter()
     batch = await live_messages(app, batch, "indexer")
     if not batch:
@@ -112,9 +124,10 @@ async def index_batch(app: DocflowApp, index: VectorIndex, batch: list[ChunkEmbe
 
 
 async def _upsert(index: VectorIndex, batch: list[ChunkEmbedding]) -> None:
-    """One attempt; each failed one is counted by what went wrong."""
+    """One attempt, a span each; each failed one is counted by what went wrong."""
     try:
-        await index.upsert(batch)
+        with tracing.span("index write", {"docflow.index.rows": len(batch)}):
+            await index.upsert(batch)
     except VectorIndexError as exc:
         metrics.index_errors_total.labels("refused" if exc.permanent else "unavailable").inc()
         raise

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from pipeline import metrics
 from pipeline.lifecycle import end_document
 from tables.document_status import fold
 
@@ -42,6 +43,9 @@ def register(app: DocflowApp) -> None:
                     app, status.company_id, status.replaces, "supersede", by="docflow", successor_id=status.document_id
                 )
             table[key] = status
+            if current is None or current.state != status.state:
+                # After the write: a redelivered event finds the state already in the table and counts nothing.
+                metrics.documents_state_transitions_total.labels(status.state).inc()
             index.add(status.company_id, status.document_id, status.created_ms, status.document_key)
 
     @table.on_recover

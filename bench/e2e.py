@@ -71,9 +71,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def baseline(paths: list[Path], backend_name: str, batch_size: int) -> dict:
+async def baseline(paths: list[Path], backend_name: str, batch_size: int, precision: str) -> dict:
     """The same extractor, splitter and embedder, one document after another, in this process."""
-    settings = Settings(embedding_backend=backend_name, embedding_batch_size=batch_size)
+    settings = Settings(
+        embedding_backend=backend_name, embedding_batch_size=batch_size, local_model_precision=precision
+    )
     backend = create_backend(settings)
     await backend.load()
     await backend.embed(["warm-up"])
@@ -168,7 +170,7 @@ def measure(
     latency_document: Path | None,
     profile_dir: Path | None,
 ) -> dict:
-    with LocalStack(args.backend, args.batch_size) as stack:
+    with LocalStack(args.backend, args.batch_size, precision=args.precision) as stack:
         stack.workers.launch({"web": 1, "chunker": chunkers, "embedder": embedders})
         # Warm-up: model loads, group joins, the extraction pool's start and the broker's JIT
         # stay out of the figures, as on a stack that has been running for a while.
@@ -258,6 +260,9 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=10, help="pages per generated document (10)")
     parser.add_argument("--backend", default="hashing", choices=["hashing", "local"])
     parser.add_argument(
+        "--precision", default="fp32", choices=["fp32", "int8"], help="DOCFLOW_LOCAL_MODEL_PRECISION of the runs"
+    )
+    parser.add_argument(
         "--batch-size",
         type=int,
         default=Settings.model_fields["embedding_batch_size"].default,
@@ -280,7 +285,7 @@ def main() -> None:
         else:
             paths = generated_corpus(Path(folder), args.docs, args.pages)
             corpus = f"generated: {args.docs} docs x {args.pages} pages (2/3 PDF, 1/3 text)"
-        base = asyncio.run(baseline(paths, args.backend, args.batch_size))
+        base = asyncio.run(baseline(paths, args.backend, args.batch_size, args.precision))
         base.update(rates(base))
         runs = []
         if args.url:
@@ -308,16 +313,11 @@ def main() -> None:
         for run in runs:
             run.update(rates(run))
             run["ratio"] = run["chunks_per_s"] / base["chunks_per_s"]
-    results = {
-        "corpus": corpus,
-        "backend": args.backend,
-        "batch_size": args.batch_size,
-        "baseline": base,
-        "pipeline": runs,
-    }
+    name = f"{args.backend}-int8" if args.backend == "local" and args.precision == "int8" else args.backend
+    results = {"corpus": corpus, "backend": name, "batch_size": args.batch_size, "baseline": base, "pipeline": runs}
     table = markdown(results)
     print(table)
-    save(RESULTS_DIR / f"e2e-{args.backend}.json", results, table)
+    save(RESULTS_DIR / f"e2e-{name}.json", results, table)
     if args.profile and not args.url:
         summaries = {path.stem: summarise(path) for path in sorted(args.profile.glob("*.folded"))}
         text = profile_markdown(summaries)

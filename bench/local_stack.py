@@ -16,7 +16,7 @@ class LocalStack:
     """A broker (and Milvus, with ``index="milvus"``) and worker processes on free ports under a
     temporary home, for one measurement. Without an index the pipeline ends at embeddings.ready."""
 
-    def __init__(self, backend: str, batch_size: int, index: str = "none") -> None:
+    def __init__(self, backend: str, batch_size: int, index: str = "none", precision: str = "fp32") -> None:
         self._home = tempfile.TemporaryDirectory(prefix="docflow-e2e-")
         home = Path(self._home.name)
         self.settings = Settings(
@@ -32,6 +32,7 @@ class LocalStack:
                 DOCFLOW_EMBEDDING_BACKEND=backend,
                 DOCFLOW_EMBEDDING_BATCH_SIZE=str(batch_size),
                 DOCFLOW_EMBEDDING_CACHE="false",
+                DOCFLOW_LOCAL_MODEL_PRECISION=precision,
                 DOCFLOW_CHUNKER_PROCESSES="0",
                 # The deployment's chunk sizes (in the model's tokens), which e2e.py's baseline uses too.
                 DOCFLOW_CHUNK_SIZE_UNIT=self.settings.chunk_size_unit,

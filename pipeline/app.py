@@ -16,9 +16,10 @@ from typing import Any, Optional
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 
-from pipeline import broker_security, records, topics
+from pipeline import broker_security, records, topics, tracing
 from pipeline.follow import keep_following
 from pipeline.lifecycle import LifecycleView
+from pipeline.metrics_port import MetricsPort
 from pipeline.settings import Settings
 from pipeline.storage import ObjectStorage, open_storage
 from tables.company_index import CompanyIndex
@@ -92,12 +93,14 @@ class DocflowApp(faust.App):
     async def on_stop(self) -> None:
         await super().on_stop()
         await self.storage.close()
+        await tracing.flush()  # what this worker traced reaches the collector before it exits
 
 
 def create_app(settings: Settings, role: str) -> DocflowApp:
     """The app of one role, with that role's topics, agents, table and views: its one place of assembly."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    tracing.setup(settings, role)  # before the app: the web role's request spans go into its constructor
     workers_dir = settings.home / "workers"
     workers_dir.mkdir(parents=True, exist_ok=True)
     app = DocflowApp(
@@ -127,6 +130,7 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
         broker_session_timeout=settings.consumer_session_timeout_seconds,
         table_standby_replicas=settings.table_standby_replicas,
         web_cors_options=_cors_options(settings) if role == "web" else None,
+        web_application_options={"middlewares": tracing.http_middlewares()} if role == "web" else None,
         web_in_thread=False,
         Topic=DeadLetteringTopic,
     )
@@ -149,7 +153,10 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
     async def follow_lifecycle() -> None:
         await keep_following(topics.DOCUMENTS_LIFECYCLE.name, lambda: app.lifecycle.follow(settings))
 
-    setup_prometheus_sensors(app, name_prefix=f"faust_{role}")
+    setup_prometheus_sensors(app, name_prefix=sensor_prefix(role))
+    if settings.metrics_port:
+        # Seed 000's per-service metrics port (chunker :8001, embedder :8002), besides the web port's /metrics.
+        app.add_dependency(MetricsPort(settings.metrics_host, settings.metrics_port))
 
     from web import views
 
@@ -188,6 +195,11 @@ def create_app(settings: Settings, role: str) -> DocflowApp:
 
         indexer.register(app)
     return app
+
+
+def sensor_prefix(role: str) -> str:
+    """The prefix of Faust's own Prometheus metrics in a role's process (faust_chunker_messages_received_total)."""
+    return f"faust_{role}"
 
 
 def _cors_options(settings: Settings) -> dict:

@@ -69,6 +69,15 @@ index_errors_total = Counter(
     "index_errors_total", "Failed index writes, by kind (unavailable: retried; refused: permanent).", ["error_type"]
 )
 
+# status (web): what the status agent folds into the table. A counter, not a gauge of documents
+# per state: the table is spread over the web workers' partitions, so only each state change,
+# counted where it happens, adds up across workers and survives rebalances. Labels: the few states.
+documents_state_transitions_total = Counter(
+    "documents_state_transitions_total",
+    "Documents that entered each state, as the status agent folded their events.",
+    ["state"],
+)
+
 # search (web)
 search_requests_total = Counter("search_requests_total", "Search requests, by outcome.", ["status"])
 search_duration_seconds = Histogram(

@@ -146,6 +146,8 @@ class CompanyWindowCount(WireRecord):
     window_start_ms: int
     window_end_ms: int
     count: int
+    # The window's start in ISO 8601 UTC, the field seeds 000 and 001 name (older windows lack it).
+    timestamp: str = ""
 
     @classmethod
     def from_wire(cls, value: bytes) -> Optional[CompanyWindowCount]:
@@ -160,6 +162,7 @@ class CompanyWindowCount(WireRecord):
                 window_start_ms=int(data["window_start_ms"]),
                 window_end_ms=int(data["window_end_ms"]),
                 count=int(data["count"]),
+                timestamp=str(data.get("timestamp", "")),
             )
         except (ValueError, TypeError, KeyError):
             return None

@@ -9,13 +9,18 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.ids import valid_id
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
     """Every knob docflow has; the README's configuration table lists them."""
 
-    model_config = SettingsConfigDict(env_prefix="DOCFLOW_", frozen=True, extra="ignore")
+    # A .env file in the working directory (seed 000) is read too; the environment wins over it.
+    model_config = SettingsConfigDict(
+        env_prefix="DOCFLOW_", env_file=".env", env_file_encoding="utf-8", frozen=True, extra="ignore"
+    )
 
     home: Path = Field(Path(".docflow"), description="Local state: broker data and logs, objects, tables.")
 
@@ -80,6 +85,9 @@ class Settings(BaseSettings):
         "", description="Server secret the API keys are hashed with (HMAC); empty means one kept in HOME/auth.secret."
     )
     api_key: str = Field("", description="The API key the docflow command line sends.")
+    default_company_id: str = Field(
+        "", description="Company of a request that names none, with auth off (a single-tenant demo); empty means none."
+    )
     rate_limit_uploads_per_minute: int = Field(
         120, ge=0, description="Uploads per key and minute per web worker; 0 means no limit."
     )
@@ -146,9 +154,15 @@ class Settings(BaseSettings):
     embedding_backend: Literal["openai", "local", "hashing"] = Field("local", description="Embedding backend.")
     embedding_model: str = Field("", description="Model name; empty means the backend's default.")
     embedding_batch_size: int = Field(32, ge=1, description="Chunks per embedding batch.")
-    embedding_threads: int = Field(0, ge=0, description="ONNX Runtime threads of the local model; 0 means one per CPU.")
+    embedding_threads: int = Field(
+        0, ge=0, description="Model runs at once of the local model, one CPU each; 0 means one per CPU."
+    )
     local_model_path: str = Field("", description="ONNX file of the local backend; empty means the bundled model.")
     local_tokenizer_path: str = Field("", description="tokenizer.json of that model; empty means the bundled one.")
+    local_model_precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="Matrix products of the bundled local model: fp32 as published, or int8 (faster, 0.99+ cosine).",
+    )
     openai_base_url: str = Field("", description="OpenAI-compatible base URL; empty falls back to OPENAI_BASE_URL.")
     openai_api_key: str = Field("", description="API key; empty falls back to OPENAI_API_KEY.")
     openai_dimensions: int = Field(
@@ -174,10 +188,26 @@ class Settings(BaseSettings):
     )
     search_max_query_chars: int = Field(2000, ge=1, description="Longest accepted search query.")
 
+    # Operations
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port this role also serves /metrics on (seed 000: 8001, 8002); 0 means none."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address that metrics port listens on.")
+    otel_endpoint: str = Field(
+        "", description="OTLP/HTTP endpoint traces are exported to (http://HOST:4318); empty means no tracing."
+    )
+
     @field_validator("home", "kafka_libs", "hdfs_libs")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
         return path.expanduser().resolve()
+
+    @field_validator("default_company_id")
+    @classmethod
+    def _valid_default_company(cls, company_id: str) -> str:
+        if company_id and not valid_id(company_id):
+            raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return company_id
 
     @property
     def bootstrap_servers(self) -> str:

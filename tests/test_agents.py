@@ -50,12 +50,14 @@ class RecordingTopic:
     def __init__(self, name: str) -> None:
         self.name = name
         self.sent = []
+        self.headers = []  # of each message sent, in order
 
     def get_topic_name(self) -> str:
         return self.name
 
-    async def send(self, key, value):
+    async def send(self, key, value, headers=None):
         self.sent.append(value)
+        self.headers.append(headers)
         future = asyncio.get_running_loop().create_future()
         future.set_result(None)
         return future
@@ -213,7 +215,7 @@ class ReadRecordingStorage(FileStorage):
 class InlinePool:
     """The extraction pool's interface, run in this process (the tamper check never reaches it)."""
 
-    async def chunk_all(self, jobs, extractor):
+    async def chunk_all(self, jobs, extractor, traces=()):
         return [
             chunk_document(data, u.content_type, u.chunk_size, u.chunk_overlap, extractor, u.chunk_size_unit)
             for u, data in jobs
@@ -328,7 +330,7 @@ async def test_a_forged_event_fails_as_tampered_unread_and_the_batch_goes_on(obj
 
 async def test_extraction_failures_from_the_pool_fail_their_documents_with_the_reason(objects):
     class LimitedPool:
-        async def chunk_all(self, jobs, extractor):
+        async def chunk_all(self, jobs, extractor, traces=()):
             return [ExtractionLimitExceeded("document needs more than 512 MB of memory to extract") for _ in jobs]
 
     app = ChunkerApp(objects)

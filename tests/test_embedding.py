@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -114,16 +115,63 @@ async def test_local_model_ranks_paraphrase_above_unrelated_text(local_backend):
     assert dot(query, paraphrase) > dot(query, unrelated) + 0.4
 
 
+@pytest.fixture(scope="module")
+async def int8_backend(tmp_path_factory):
+    """The bundled model with int8 matrix products, built into a fresh cache for this module."""
+    backend = LocalBackend(precision="int8", cache_dir=tmp_path_factory.mktemp("models"))
+    await backend.load()
+    yield backend
+    await backend.close()
+
+
+def reference_cosines(vectors: list[list[float]], items: list[dict]) -> list[float]:
+    return [dot(vector, item["vector"]) / norm(item["vector"]) for vector, item in zip(vectors, items, strict=True)]
+
+
+REFERENCE = json.loads((REPO_ROOT / "tests" / "fixtures" / "minilm_reference.json").read_text())["items"]
+
+
 async def test_local_model_agrees_with_the_sentence_transformers_reference(local_backend):
     # Texts and vectors computed once with sentence-transformers (PyTorch, fp32 weights): the
     # ONNX backend must land on the same points, or the index would mix two vector spaces.
-    reference = json.loads((REPO_ROOT / "tests" / "fixtures" / "minilm_reference.json").read_text())
-    items = reference["items"]
-    vectors = await local_backend.embed([item["text"] for item in items])
-    cosines = [dot(vector, item["vector"]) / norm(item["vector"]) for vector, item in zip(vectors, items, strict=True)]
+    cosines = reference_cosines(await local_backend.embed([item["text"] for item in REFERENCE]), REFERENCE)
     assert len(cosines) == 24
     assert min(cosines) >= 0.99
     assert sum(cosines) / len(cosines) >= 0.999
+
+
+async def test_int8_local_model_stays_within_0_99_cosine_of_the_reference(int8_backend):
+    cosines = reference_cosines(await int8_backend.embed([item["text"] for item in REFERENCE]), REFERENCE)
+    assert min(cosines) >= 0.99
+    assert sum(cosines) / len(cosines) >= 0.995
+    assert int8_backend.vector_space != LocalBackend().vector_space  # cached fp32 vectors are not reused
+
+
+async def test_int8_vector_of_a_text_does_not_depend_on_the_texts_embedded_with_it(int8_backend):
+    texts = [item["text"] for item in REFERENCE[:8]]
+    together = await int8_backend.embed(texts)
+    for text, vector in zip(texts, together, strict=True):
+        (alone,) = await int8_backend.embed([text])
+        assert dot(alone, vector) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_int8_model_is_built_once_per_cache(tmp_path):
+    from pipeline.embedding.quantize import int8_model_path
+
+    built = int8_model_path(local.bundled_model_path(), tmp_path)
+    stamp = built.stat().st_mtime_ns
+    assert int8_model_path(local.bundled_model_path(), tmp_path) == built
+    assert built.stat().st_mtime_ns == stamp
+    assert [path.name for path in tmp_path.iterdir()] == [built.name]  # no work files left behind
+
+
+def test_session_runs_hold_at_most_the_token_budget_and_every_text_once():
+    lengths = [8] * 100 + [200] * 9 + [256]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    runs = list(local.MiniLM._session_batches(SimpleNamespace(batch_size=32), order, lengths))
+    assert sorted(i for run in runs for i in run) == list(range(len(lengths)))
+    assert all(len(run) <= 32 and len(run) * max(lengths[i] for i in run) <= local.MAX_RUN_TOKENS for run in runs)
+    assert len(runs[0]) == 32  # short texts, queries among them, still share a run
 
 
 async def test_local_model_counts_every_text_it_had_to_cut(local_backend):

@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -391,6 +392,8 @@ def test_window_messages_are_keyed_by_company_and_match_the_schema(flink_run):
         assert key == value["company_id"].encode()
         assert value["window_end_ms"] - value["window_start_ms"] == MINUTE
         assert value["window_start_ms"] % MINUTE == 0
+        started = datetime.fromtimestamp(value["window_start_ms"] / 1000, UTC)
+        assert value["timestamp"] == started.strftime("%Y-%m-%dT%H:%M:%S.000Z")  # the seeds' field, in UTC
 
 
 def test_late_event_is_dropped_straggler_within_bound_counts_and_idle_partitions_let_windows_close(flink_run):

@@ -190,30 +190,6 @@ async def test_web_role_serves_the_upload_page(stack):
     assert "const AUTH_REQUIRED = false;" in page  # the page names its company: auth is off here
 
 
-async def test_every_role_serves_the_seed_metrics(stack):
-    names = {
-        "web": ["ingest_uploads_total", "ingest_kafka_messages_produced_total", "ingest_upload_file_size_bytes"],
-        "chunker": [
-            "docproc_messages_consumed_total",
-            "docproc_chunks_produced_total",
-            "docproc_s3_download_duration_seconds",
-        ],
-        "embedder": [
-            "embedding_messages_consumed_total",
-            "embedding_texts_processed_total",
-            "embedding_batch_processing_duration_seconds",
-        ],
-    }
-    async with aiohttp.ClientSession() as session:
-        for role, expected in names.items():
-            async with session.get(f"{stack.of_role(role)[0].url}/metrics") as response:
-                assert response.status == 200
-                text = await response.text()
-            for name in expected:
-                assert f"# TYPE {name} " in text, f"{role} /metrics lacks {name}"
-            assert "faust_" in text  # Faust's own sensor, next to docflow's
-
-
 async def test_messages_on_every_topic_match_their_json_schemas(stack, kafka_settings, tmp_path):
     from jsonschema import Draft202012Validator
 

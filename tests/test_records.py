@@ -21,7 +21,9 @@ def test_status_event_serializes_as_plain_json_without_faust_metadata():
 
 
 def test_company_window_count_matches_the_analytics_schema():
-    count = CompanyWindowCount(company_id="acme", window_start_ms=60_000, window_end_ms=120_000, count=7)
+    count = CompanyWindowCount(
+        company_id="acme", window_start_ms=60_000, window_end_ms=120_000, count=7, timestamp="1970-01-01T00:01:00.000Z"
+    )
     schema = json.loads((SCHEMAS / "analytics.flink.json").read_text())
     assert not list(Draft202012Validator(schema).iter_errors(json.loads(count.dumps())))
 

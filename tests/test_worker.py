@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.local.workers import role_worker
+from pipeline.local.workers import role_metrics_ports, role_worker
 from pipeline.settings import Settings
 
 
@@ -20,3 +20,13 @@ def test_a_quiet_worker_leaves_the_root_logger_at_its_level(tmp_path):
 
     assert root.level == logging.WARNING
     assert not root.isEnabledFor(logging.DEBUG)
+
+
+def test_docflow_up_gives_each_role_its_own_metrics_port_from_the_configured_one(tmp_path):
+    assert role_metrics_ports(Settings(home=tmp_path, metrics_port=8000)) == {
+        "web": 8000,
+        "chunker": 8001,
+        "embedder": 8002,
+        "indexer": 8003,
+    }
+    assert role_metrics_ports(Settings(home=tmp_path)) == {}

@@ -73,6 +73,8 @@ def register(app: DocflowApp) -> None:
         INDEX_PAGE.read_text()
         .replace("__FINAL_STATES__", json.dumps(FINAL_STATES))
         .replace("__AUTH_REQUIRED__", json.dumps(gate.required))
+        # A valid id (the settings check it) holds nothing HTML would read as markup.
+        .replace("__DEFAULT_COMPANY_ID__", settings.default_company_id or "demo")
     )
 
     @app.page("/")

@@ -3,7 +3,8 @@
 With ``DOCFLOW_AUTH=required`` the company comes from the key (``Authorization: Bearer``
 or ``X-API-Key``), and an ``X-Company-ID`` or ``company_id`` that names another company is
 403. With auth off (only allowed on a loopback address) the company is the one the request
-names. docs/architecture.md ("Trust boundary") has the whole picture.
+names, or ``DOCFLOW_DEFAULT_COMPANY_ID`` when it names none. docs/architecture.md ("Trust
+boundary") has the whole picture.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class Gate:
             if value is not None and value != ""
         ]
         if not self.required:
+            if not named and self.settings.default_company_id:
+                return Caller(self.settings.default_company_id, None)  # a single-tenant demo (seed 001)
             if not named:
                 raise RequestError(400, "missing_company_id", "the X-Company-ID header is required")
             company_id = _valid_company(named[0])

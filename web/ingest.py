@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pipeline import metrics
+from pipeline import metrics, tracing
 from pipeline.errors import RequestError, StorageError
 from pipeline.ids import new_document_id, object_key, sanitize_filename
 from pipeline.records import DocumentUploaded, now_ms, status_event
@@ -286,7 +286,8 @@ async def _store(
 ) -> StoredObject:
     key = object_key(caller.company_id, document_id, filename)
     try:
-        return await app.storage.put(key, _limited(pieces, app.settings.max_upload_bytes), content_type)
+        with tracing.span("store original", {"docflow.document_id": document_id, "docflow.content_type": content_type}):
+            return await app.storage.put(key, _limited(pieces, app.settings.max_upload_bytes), content_type)
     except RequestError as exc:
         if exc.status == 413:
             count_upload(caller, content_type, "too_large")
@@ -300,6 +301,7 @@ async def _store(
 async def _announce(app: DocflowApp, received: Received, options: IngestOptions, version: Version) -> None:
     """Produce DocumentUploaded, then the "uploaded" status (module docstring: why in this order)."""
     document_id, company_id, stored = received.document_id, received.company_id, received.stored
+    tracing.annotate({"docflow.document_id": document_id})  # the request's span: find a document's trace by its id
     uploaded = DocumentUploaded(
         document_id=document_id,
         company_id=company_id,
@@ -373,7 +375,9 @@ async def _announce(app: DocflowApp, received: Received, options: IngestOptions,
 
 async def _send(topic, key: str, value) -> asyncio.Future:
     try:
-        return await topic.send(key=key, value=value)
+        # The producer span's context goes with the message: the chunker continues this trace.
+        with tracing.send_span(topic.get_topic_name()):
+            return await topic.send(key=key, value=value, headers=tracing.kafka_headers())
     except Exception:
         metrics.ingest_kafka_messages_produced_total.labels(topic.get_topic_name(), "error").inc()
         raise

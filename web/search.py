@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from faust.web import Request, Response, View
 
-from pipeline import metrics
+from pipeline import metrics, tracing
 from pipeline.embedding import create_backend
 from pipeline.errors import EmbeddingError, RequestError, VectorIndexError
 from pipeline.ids import valid_id
@@ -107,13 +107,16 @@ def register(app: DocflowApp) -> None:
 
     async def _search(company_id: str, search: SearchRequest):
         try:
-            [vector] = await backend.embed([search.query])
+            with tracing.span("embed query", {"docflow.embedding.model": backend.model}):
+                [vector] = await backend.embed([search.query])
         except EmbeddingError as exc:
             raise RequestError(503, "embedding_unavailable", f"the query could not be embedded: {exc}") from exc
         try:
-            hits = await index.search(
-                company_id, backend.model, vector, search.top_k, search.document_ids, search.tags, search.min_score
-            )
+            with tracing.span("search index", {"docflow.search.top_k": search.top_k}) as searching:
+                hits = await index.search(
+                    company_id, backend.model, vector, search.top_k, search.document_ids, search.tags, search.min_score
+                )
+                searching.set_attribute("docflow.search.hits", len(hits))
         except VectorIndexError as exc:
             if exc.permanent:
                 raise RequestError(500, "index_error", f"the search index refused the search: {exc}") from exc

@@ -7,7 +7,7 @@ A PyFlink Table API job, plain SQL, no Python UDFs (so no Python worker processe
 - takes event time from ``created_ms`` with a bounded-out-of-orderness watermark
   (``--watermark-seconds``), tracked per Kafka partition by the source,
 - counts the *distinct* chunk ids per company in 1-minute tumbling windows,
-- writes ``{company_id, window_start_ms, window_end_ms, count}`` as JSON to
+- writes ``{timestamp, company_id, window_start_ms, window_end_ms, count}`` as JSON to
   ``analytics.flink``, keyed by the company id's UTF-8 bytes.
 
 Why distinct chunk ids: embeddings.ready is written at-least-once and a chunk's id is
@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=(
             "Count the distinct chunks embedded per company in 1-minute event-time windows "
             "(event time: created_ms) from embeddings.ready and write each closed window to "
-            "analytics.flink as JSON {company_id, window_start_ms, window_end_ms, count}, keyed by company_id. "
+            "analytics.flink as JSON {timestamp, company_id, window_start_ms, window_end_ms, count}, "
+            "keyed by company_id. "
             "Runs until stopped (Ctrl-C or SIGTERM cancel the job)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -298,6 +299,7 @@ def sink_ddl(args: argparse.Namespace) -> str:
         options["properties.transaction.timeout.ms"] = str(TRANSACTION_TIMEOUT_MS)
     return f"""
 CREATE TEMPORARY TABLE analytics_flink (
+  `timestamp` STRING NOT NULL,
   company_id STRING NOT NULL,
   window_start_ms BIGINT NOT NULL,
   window_end_ms BIGINT NOT NULL,
@@ -308,11 +310,13 @@ CREATE TEMPORARY TABLE analytics_flink (
 
 
 # window_start/window_end are TIMESTAMP(3) wall-clock values in the session time zone,
-# which main() sets to UTC, so UNIX_TIMESTAMP reads them back as epoch seconds. Minute
+# which main() sets to UTC, so UNIX_TIMESTAMP reads them back as epoch seconds and
+# DATE_FORMAT writes the seeds' `timestamp` as UTC with a Z. Minute
 # windows start on whole seconds, so seconds * 1000 is exact.
 WINDOW_COUNTS = f"""
 INSERT INTO analytics_flink
 SELECT
+  DATE_FORMAT(window_start, 'yyyy-MM-dd''T''HH:mm:ss.SSS''Z''') AS `timestamp`,
   company_id,
   UNIX_TIMESTAMP(CAST(window_start AS STRING), 'yyyy-MM-dd HH:mm:ss.SSS') * 1000 AS window_start_ms,
   UNIX_TIMESTAMP(CAST(window_end AS STRING), 'yyyy-MM-dd HH:mm:ss.SSS') * 1000 AS window_end_ms,

@@ -7,15 +7,18 @@ sentence-transformers model: 0.9995 mean cosine on a fixed set of texts, committ
 ``tests/fixtures/minilm_reference.json``); ``DOCFLOW_LOCAL_MODEL_PATH`` points at another
 ONNX file with the same inputs.
 
-Inference runs in this backend's own worker thread, never on the event loop: texts are
-sorted by length into batches, so little compute is spent on padding.
+Inference runs off the event loop, in this backend's own worker thread, which hands the
+model's runs to ``threads`` threads of the model: texts are sorted by length into runs of
+at most MAX_RUN_TOKENS padded tokens, so little compute is spent on padding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +33,13 @@ from pipeline.text.tokens import MAX_TOKENS, load_tokenizer, package_dir, verify
 DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
 DIMS = 384
 BUNDLED_MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+# Padded tokens per session run. Small runs are faster: 32 chunks of 200 word pieces at once
+# ran at 13.8 texts per CPU second, 1 to 8 of them at 18.6-20.4 (one core): a run's attention
+# scores (texts x 12 heads x tokens^2 floats) then stay in cache. Short texts, queries among
+# them, still share a run.
+MAX_RUN_TOKENS = 1024
+# fp32: the bundled file as published; int8: its matrix products in int8 (pipeline/embedding/quantize.py).
+PRECISIONS = ("fp32", "int8")
 # Names under which the bundled model is known.
 _BUNDLED_MODEL_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
@@ -56,10 +66,15 @@ class MiniLM:
         self.tokenizer = load_tokenizer(tokenizer_path, MAX_TOKENS)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
+        # Each run on one core, ``threads`` runs at once (ONNX Runtime's Run is thread-safe and
+        # releases the GIL): runs are independent texts, so they need no synchronisation, where
+        # ONNX Runtime's own threads split every operator and wait for each other (int8, one
+        # text per run: 27-31 texts/s with 2 intra-op threads, 49-52 with 2 runs at once).
+        options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
         self.inputs = {node.name for node in self.session.get_inputs()}
+        self._runs = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docflow-onnx")
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """One unit vector per text, in order, and how many texts the model had to truncate."""
@@ -67,10 +82,23 @@ class MiniLM:
         truncated = sum(bool(encoding.overflowing) for encoding in encodings)
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         vectors = np.empty((len(encodings), DIMS), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            vectors[rows] = self._run([encodings[i].ids for i in rows])
+        runs = list(self._session_batches(order, [len(encoding.ids) for encoding in encodings]))
+        pooled = self._runs.map(self._run, [[encodings[i].ids for i in rows] for rows in runs])
+        for rows, run_vectors in zip(runs, pooled, strict=True):
+            vectors[rows] = run_vectors
         return vectors, truncated
+
+    def _session_batches(self, order: list[int], lengths: list[int]) -> Iterator[list[int]]:
+        """Runs of ``order`` (shortest first) of at most batch_size texts and MAX_RUN_TOKENS padded tokens."""
+        rows: list[int] = []
+        for i in order:
+            # Sorted, so the text added is the longest: the run pads every row to its length.
+            if rows and (len(rows) == self.batch_size or (len(rows) + 1) * lengths[i] > MAX_RUN_TOKENS):
+                yield rows
+                rows = []
+            rows.append(i)
+        if rows:
+            yield rows
 
     def _run(self, batch: list[list[int]]) -> np.ndarray:
         ids = np.zeros((len(batch), max(map(len, batch))), dtype=np.int64)  # 0 is [PAD]
@@ -92,14 +120,26 @@ _loaded_models: dict[tuple, MiniLM] = {}
 _loaded_models_lock = threading.Lock()
 
 
-def _load_model(model_path: str, tokenizer_path: str, threads: int, batch_size: int) -> MiniLM:
+def _load_model(
+    model_path: str, tokenizer_path: str, threads: int, batch_size: int, precision: str, cache_dir: Path
+) -> MiniLM:
     """The process's model for these files, loaded on first call; blocking, so call it off the loop."""
-    key = (model_path, tokenizer_path, threads, batch_size)
+    key = (model_path, tokenizer_path, threads, batch_size, precision)
     with _loaded_models_lock:
         model = _loaded_models.get(key)
         if model is None:
             try:
-                path = Path(model_path) if model_path else bundled_model_path()
+                if model_path:
+                    path = Path(model_path)  # an operator's file runs as given
+                elif precision == "int8":
+                    from pipeline.embedding.quantize import int8_model_path
+
+                    path = int8_model_path(bundled_model_path(), cache_dir)
+                    # One text per run: int8 activations share one scale per run, so a text's
+                    # vector would otherwise depend on the texts it was batched with.
+                    batch_size = 1
+                else:
+                    path = bundled_model_path()
                 model = MiniLM(path, tokenizer_path, threads, batch_size)
             except ModelFilesMissing as exc:
                 raise EmbeddingError(f"the local backend cannot start: {exc}", permanent=True) from exc
@@ -113,7 +153,7 @@ class LocalBackend(EmbeddingBackend):
     """all-MiniLM-L6-v2 on the CPU, run in this backend's own worker thread.
 
     The model loads lazily, in that thread, on :meth:`load` or the first :meth:`embed`; one
-    thread means batches run one after another, each with ``threads`` ONNX Runtime threads.
+    thread means calls run one after another, each spread over the model's ``threads`` runs.
     A text longer than 256 word pieces is truncated by the model: chunks sized in tokens
     (``chunk_size_unit=tokens``, the default) never are, and every truncation is counted in
     ``embedding_truncated_texts_total``.
@@ -128,7 +168,11 @@ class LocalBackend(EmbeddingBackend):
         threads: int = 0,
         model_path: str = "",
         tokenizer_path: str = "",
+        precision: str = "fp32",
+        cache_dir: Path | None = None,
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if not model_path and model.casefold() not in _BUNDLED_MODEL_NAMES:
@@ -142,6 +186,8 @@ class LocalBackend(EmbeddingBackend):
         self.threads = threads or usable_cpus()
         self.model_path = model_path
         self.tokenizer_path = tokenizer_path
+        self.precision = precision
+        self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "docflow-models"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docflow-embed")
         self._model: MiniLM | None = None
         self._closed = False
@@ -154,6 +200,8 @@ class LocalBackend(EmbeddingBackend):
             threads=settings.embedding_threads,
             model_path=settings.local_model_path,
             tokenizer_path=settings.local_tokenizer_path,
+            precision=settings.local_model_precision,
+            cache_dir=settings.home / "models",
         )
 
     @property
@@ -163,14 +211,23 @@ class LocalBackend(EmbeddingBackend):
     @property
     def vector_space(self) -> str:
         # Another ONNX file is other weights, whatever the model's name.
-        return f"{self.name}/{self.model}/{self.model_path or 'bundled'}"
+        if self.model_path:
+            return f"{self.name}/{self.model}/{self.model_path}"
+        return f"{self.name}/{self.model}/bundled/{self.precision}"
 
     async def load(self) -> None:
         self._raise_if_closed()
         if self._model is None:
             loop = asyncio.get_running_loop()
             self._model = await loop.run_in_executor(
-                self._executor, _load_model, self.model_path, self.tokenizer_path, self.threads, self.batch_size
+                self._executor,
+                _load_model,
+                self.model_path,
+                self.tokenizer_path,
+                self.threads,
+                self.batch_size,
+                self.precision,
+                self.cache_dir,
             )
 
     async def embed(self, texts: list[str]) -> list[list[float]]:

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import openai
+from opentelemetry.trace import SpanKind
 
-from pipeline import metrics
+from pipeline import metrics, tracing
 from pipeline.embedding.base import EmbeddingBackend, require_strings
 from pipeline.errors import EmbeddingError
 from pipeline.settings import Settings
@@ -212,23 +213,26 @@ class OpenAIBackend(EmbeddingBackend):
         return vectors
 
     async def _request(self, client: openai.AsyncOpenAI, batch: list[str]) -> list[list[float]]:
+        request = {"docflow.embedding.model": self.model, "docflow.embedding.texts": len(batch)}
         async with self._requests_allowed:
-            started = time.perf_counter()
-            try:
-                response = await client.embeddings.create(
-                    input=batch,
-                    model=self.model,
-                    encoding_format="float",
-                    **({"dimensions": self.dimensions} if self.dimensions else {}),
-                )
-                vectors = self._vectors_from(response, len(batch))
-            except Exception as exc:
-                metrics.embedding_openai_api_errors_total.labels(
-                    model_name=self.model, error_type=type(exc).__name__
-                ).inc()
-                raise self._embedding_error(exc, len(batch)) from exc
-            finally:
-                metrics.embedding_openai_api_duration_seconds.observe(time.perf_counter() - started)
+            # A span per HTTP request, once a slot is free: a child of the batch's embed span.
+            with tracing.span("embedding request", request, kind=SpanKind.CLIENT):
+                started = time.perf_counter()
+                try:
+                    response = await client.embeddings.create(
+                        input=batch,
+                        model=self.model,
+                        encoding_format="float",
+                        **({"dimensions": self.dimensions} if self.dimensions else {}),
+                    )
+                    vectors = self._vectors_from(response, len(batch))
+                except Exception as exc:
+                    metrics.embedding_openai_api_errors_total.labels(
+                        model_name=self.model, error_type=type(exc).__name__
+                    ).inc()
+                    raise self._embedding_error(exc, len(batch)) from exc
+                finally:
+                    metrics.embedding_openai_api_duration_seconds.observe(time.perf_counter() - started)
         return vectors
 
     def _vectors_from(self, response: object, expected: int) -> list[list[float]]:

@@ -73,12 +73,26 @@ def role_ports(settings: Settings) -> dict[str, int]:
     return {role: settings.web_port + offset for offset, role in enumerate(ROLES)}
 
 
+def role_metrics_ports(settings: Settings) -> dict[str, int]:
+    """With DOCFLOW_METRICS_PORT set, each role's own metrics port: that one and the next ones, as
+    :func:`role_ports` (8000 gives seed 000's layout: chunker 8001, embedder 8002); else none.
+
+    One port for every process of a host would let only the first role bind it.
+    """
+    if not settings.metrics_port:
+        return {}
+    return {role: settings.metrics_port + offset for offset, role in enumerate(ROLES)}
+
+
 def start_roles(settings: Settings, loglevel: str = "info") -> list[RoleProcess]:
     """One process of every role the pipeline runs (:func:`pipeline.app.active_roles`)."""
     ports = role_ports(settings)
+    metrics_ports = role_metrics_ports(settings)
     started = []
     for role in active_roles(settings):
         env = dict(os.environ, DOCFLOW_WEB_PORT=str(ports[role]))
+        if metrics_ports:
+            env["DOCFLOW_METRICS_PORT"] = str(metrics_ports[role])
         command = worker_command(role, loglevel)
         # Own process group: the terminal's Ctrl-C reaches us, and we stop the workers in order.
         process = subprocess.Popen(command, env=env, start_new_session=True)
@@ -147,9 +161,10 @@ class WorkerStack:
     logs: Path
     workers: list[Worker] = field(default_factory=list)
 
-    def start(self, role: str, port: int) -> Worker:
+    def start(self, role: str, port: int, **env_overrides: str) -> Worker:
+        """One process of a role on its web port; ``env_overrides`` are settings of this process alone."""
         log_path = self.logs / f"{role}-{port}-{len(self.workers)}.log"
-        env = dict(self.env, DOCFLOW_WEB_PORT=str(port))
+        env = dict(self.env, **env_overrides, DOCFLOW_WEB_PORT=str(port))
         process = subprocess.Popen(
             worker_command(role), env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True
         )

@@ -193,14 +193,8 @@ class BatchTrace:
             )
             for document_id, messages in messages_per_document.items()
         }
-        try:
+        with _ended(sends.values()):
             yield {document_id: kafka_headers(trace.set_span_in_context(send)) for document_id, send in sends.items()}
-        except BaseException as exc:
-            _fail(sends.values(), exc)
-            raise
-        finally:
-            for send in sends.values():
-                send.end()
 
 
 @contextmanager
@@ -246,18 +240,21 @@ def batch_span(
             )
             for trace_id, context in parents.items()
         }
-        try:
+        with _ended(parts.values()):
             yield BatchTrace(
                 batch, {document: trace.set_span_in_context(parts[trace_id]) for document, trace_id in trace_of.items()}
             )
-        except BaseException as exc:
-            _fail(parts.values(), exc)
-            raise
-        finally:
-            for part in parts.values():
-                part.end()
 
 
-def _fail(spans, exc: BaseException) -> None:
-    for failed in spans:
-        failed.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+@contextmanager
+def _ended(spans) -> Iterator[None]:
+    """End ``spans`` (started without being made current) after the block, marked failed if it raised."""
+    try:
+        yield
+    except BaseException as exc:
+        for failed in spans:
+            failed.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        for started in spans:
+            started.end()
